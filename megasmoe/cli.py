@@ -1,0 +1,128 @@
+"""The ``megasmoe`` command.
+
+    megasmoe pretrain [CONFIG.yaml] [key=value ...]   train (under torchrun/srun or alone)
+    megasmoe check    [CONFIG.yaml] [key=value ...]   validate a config, print the layout
+    megasmoe routers                                  list registered routers and fields
+    megasmoe config-reference                         print every config field, documented
+
+Config errors print one line (``megasmoe: config error: ...``) and exit with code 2
+before any process group starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+__all__ = ["main"]
+
+EXIT_CONFIG_ERROR = 2
+
+
+def _quiet_megatron() -> None:
+    # megatron-core warns on import when TE/Apex are absent; on CPU that is expected.
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*apex.*", category=UserWarning)
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor. is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor. is deprecated.*")
+
+
+def _world_size() -> int | None:
+    ws = os.environ.get("WORLD_SIZE")
+    return int(ws) if ws else None
+
+
+def _load(args):
+    from megasmoe.config import load_config, validate
+
+    cfg = load_config(args.config, args.overrides)
+    return validate(cfg, _world_size())
+
+
+def _cmd_pretrain(args) -> int:
+    cfg = _load(args)
+    from megasmoe.training.trainer import pretrain
+
+    pretrain(cfg)
+    return 0
+
+
+def _cmd_check(args) -> int:
+    cfg = _load(args)
+    p = cfg.parallel
+    print(f"ok: world_size={p.world_size} tp={p.tp} pp={p.pp} cp={p.cp} dp={p.dp} "
+          f"ep={p.ep} etp={p.etp} vpp={p.vpp} sp={p.sp} router={cfg.moe.router.name} "
+          f"run_dir={cfg.run.path}")
+    return 0
+
+
+def _cmd_routers(args) -> int:
+    from megasmoe.config import field_docs
+    from megasmoe.routers import registered_routers, router_entry
+
+    for name in registered_routers():
+        cls, config_cls = router_entry(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name}: {doc}")
+        for field, text in field_docs(config_cls).items():
+            print(f"    moe.router.{field}: {text}")
+    return 0
+
+
+def _cmd_config_reference(args) -> int:
+    import dataclasses
+
+    from megasmoe.config import Config, field_docs
+
+    for section in dataclasses.fields(Config):
+        cls = section.type if isinstance(section.type, type) else type(getattr(Config(), section.name))
+        defaults = getattr(Config(), section.name)
+        for name, text in field_docs(cls).items():
+            print(f"{section.name}.{name} = {getattr(defaults, name)!r}: {text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``megasmoe`` command."""
+    parser = argparse.ArgumentParser(prog="megasmoe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, helptext in (
+        ("pretrain", _cmd_pretrain, "train a model"),
+        ("check", _cmd_check, "validate a config and print the parallel layout"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("config", nargs="?", default=None, help="YAML config (configs/*.yaml)")
+        p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+        p.set_defaults(fn=fn)
+    sub.add_parser("routers", help="list routers").set_defaults(fn=_cmd_routers)
+    sub.add_parser("config-reference", help="list config fields").set_defaults(
+        fn=_cmd_config_reference)
+    return parser
+
+
+def _split_config_arg(args) -> None:
+    # `megasmoe pretrain train.steps=3` has no config file: the first arg is an override.
+    if getattr(args, "config", None) and "=" in args.config and not args.config.endswith(".yaml"):
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``megasmoe`` console script."""
+    _quiet_megatron()
+    args = build_parser().parse_args(argv)
+    _split_config_arg(args)
+    from megasmoe.config import ConfigError
+
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"megasmoe: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,587 @@
+"""The project's configuration: dataclasses, YAML + ``key=value`` overrides, validation.
+
+A run is described by one ``Config`` (sections ``run``, ``model``, ``moe``, ``parallel``,
+``train``, ``data``, ``checkpoint``, ``logging``). It is read from a YAML file, then
+overridden by dotted ``key=value`` pairs from the command line (values parsed as YAML
+and checked against the field's type). ``validate`` runs before any process group
+starts and raises ``ConfigError`` with one line naming the field and the fix.
+``to_transformer_config`` is the one place that maps it onto megatron-core.
+
+Router-specific fields live under ``moe.router.*``; each router owns a config
+dataclass (see megasmoe/routers/) that checks them.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "load_config",
+    "apply_overrides",
+    "validate",
+    "field_docs",
+    "to_dict",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing configuration error naming the field and the fix."""
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives and how it is seeded."""
+
+    name: str = "tiny-cpu"
+    """Run name; the run directory defaults to runs/<name>."""
+    dir: Optional[str] = None
+    """Run directory (outputs, config.yaml, metrics, TensorBoard events); default runs/<name>."""
+    seed: int = 1234
+    """Seed of parameter init, dropout and data order; same seed, same run."""
+
+    @property
+    def path(self) -> Path:
+        """The resolved run directory."""
+        return Path(self.dir) if self.dir else Path("runs") / self.name
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the GPT decoder (megatron-core GPTModel)."""
+
+    num_layers: int = 4
+    """Number of transformer layers."""
+    hidden_size: int = 128
+    """Model width d."""
+    num_heads: int = 4
+    """Attention heads; must be divisible by parallel.tp."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; null = num_heads (multi-head)."""
+    ffn_hidden_size: Optional[int] = None
+    """FFN width of dense (non-MoE) layers; null = 4 x hidden_size."""
+    vocab_size: int = 4096
+    """Vocabulary size (padded up to a multiple of 128 x tp, like megatron)."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    rope_base: int = 10000
+    """Rotary embedding base."""
+    init_std: float = 0.02
+    """Std of the normal init of weights; output projections use std / sqrt(2 num_layers)."""
+    share_embeddings: bool = False
+    """Tie input embedding and output layer weights."""
+    dropout: float = 0.0
+    """Hidden and attention dropout."""
+
+
+@dataclass
+class RouterSection:
+    """Router selection; extra keys are the chosen router's own fields."""
+
+    name: str = "topk"
+    """Registered router name (see `megasmoe routers`)."""
+    options: dict = field(default_factory=dict)
+    """Router-specific fields (written directly as moe.router.<field>)."""
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts layers."""
+
+    num_experts: int = 8
+    """Routed experts per MoE layer; must be divisible by parallel.ep."""
+    topk: int = 2
+    """Experts per token."""
+    ffn_hidden_size: int = 256
+    """FFN width of each expert (SwiGLU)."""
+    layer_freq: Union[int, list] = 1
+    """1 = every layer is MoE; N = every N-th layer; or a 0/1 list per layer."""
+    shared_expert_size: int = 0
+    """FFN width of an always-on shared expert; 0 = none."""
+    dispatcher: str = "alltoall"
+    """Token dispatcher: allgather, alltoall or flex (DeepEP, GPU only)."""
+    aux_loss_type: str = "aux_loss"
+    """Load-balancing loss: aux_loss, seq_aux_loss, global_aux_loss or none."""
+    aux_loss_coeff: float = 0.01
+    """Coefficient of the load-balancing loss."""
+    z_loss_coeff: Optional[float] = None
+    """Router z-loss coefficient; null = off."""
+    capacity_factor: Optional[float] = None
+    """Expert capacity factor (token dropping); null = dropless."""
+    grouped_gemm: bool = False
+    """Grouped-GEMM experts (TE GroupedLinear on clusters); false = SequentialMLP."""
+    router_dtype: str = "fp32"
+    """Precision of routing math: fp32 or fp64."""
+    router: RouterSection = field(default_factory=RouterSection)
+    """The router (moe.router.name plus its fields)."""
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout; world size must equal tp x pp x cp x dp."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    vpp: Optional[int] = None
+    """Virtual pipeline stages per rank (interleaved 1F1B); null = off."""
+    ep: int = 1
+    """Expert-parallel size (carved from data parallel x context parallel x tp)."""
+    etp: Optional[int] = None
+    """Expert tensor-parallel size; null = same as tp."""
+    cp: int = 1
+    """Context-parallel size."""
+    sp: bool = False
+    """Sequence parallel (required with tp > 1 and MoE)."""
+    world_size: Optional[int] = None
+    """Number of processes; null = tp x pp x cp x (dp from the batch sizes), else checked."""
+    dp: Optional[int] = None
+    """Data-parallel size; null = world_size / (tp x pp x cp)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and schedule."""
+
+    steps: int = 200
+    """Optimizer steps to train."""
+    micro_batch_size: int = 4
+    """Sequences per micro batch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step; divisible by micro_batch_size x dp."""
+    seq_length: int = 128
+    """Tokens per sequence."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-4
+    """Final learning rate of the decay."""
+    lr_schedule: str = "cosine"
+    """LR decay: cosine, linear, constant or wsd (warmup-stable-decay)."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    wsd_decay_steps: Optional[int] = None
+    """Steps of the final decay for lr_schedule=wsd; null = 10% of steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 = off."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state over data parallel (megatron DistributedOptimizer)."""
+    precision: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16."""
+    log_interval: int = 10
+    """Steps between console/TensorBoard logs."""
+    eval_interval: int = 50
+    """Steps between validation runs; 0 = only at the end."""
+    eval_iters: int = 4
+    """Validation batches (of global_batch_size) per evaluation."""
+    recompute: bool = False
+    """Full activation recomputation of each layer (saves memory)."""
+
+
+@dataclass
+class DataConfig:
+    """Training data."""
+
+    source: str = "mock"
+    """mock (megatron's synthetic GPT data) or indexed (Megatron .bin/.idx prefixes)."""
+    prefixes: list = field(default_factory=list)
+    """Indexed-dataset path prefixes (without .bin/.idx), for source=indexed."""
+    weights: Optional[list] = None
+    """Blend weights per prefix; null = proportional to size."""
+    split: str = "969,30,1"
+    """train,valid,test split of each prefix (Megatron format)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    cache_dir: Optional[str] = None
+    """Where dataset index caches go; null = <run dir>/data_cache."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints."""
+
+    interval: int = 0
+    """Steps between checkpoints; 0 = only at the end of training (if enabled)."""
+    enabled: bool = False
+    """Save checkpoints at all."""
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics outputs."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files under <run dir>/tensorboard."""
+    progress: bool = True
+    """Print a console progress line every log_interval steps."""
+
+
+@dataclass
+class Config:
+    """A complete megasmoe run."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run name, directory and seed."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Decoder shape."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """MoE layers and router."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging outputs."""
+
+    def model_parallel_size(self) -> int:
+        """tp x pp x cp: the ranks that hold one model replica."""
+        p = self.parallel
+        return p.tp * p.pp * p.cp
+
+
+# --------------------------------------------------------------------------- docs
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass: {field name: docstring}."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _nearest(name: str, choices) -> str:
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        names = " or ".join(_type_name(a) for a in args if a is not type(None))
+        raise ConfigError(f"{key}: expected {names}, got {value!r}")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if tp in (list, dict) or origin in (list, dict):
+        if not isinstance(value, (origin or tp)):
+            raise ConfigError(f"{key}: expected a {_type_name(origin or tp)}, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    """Build dataclass ``cls`` from a (nested) dict, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if cls is RouterSection:
+        data = dict(data)
+        kwargs = {"name": data.pop("name", "topk")}
+        kwargs["options"] = {**data.pop("options", {}), **data}
+        return RouterSection(**kwargs)
+    kwargs = {}
+    for key, value in data.items():
+        full = prefix + key
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'{_nearest(key, names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, full + ".")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    """A config as plain nested dicts (router options flattened under moe.router)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, RouterSection):
+            out[f.name] = {"name": value.name, **value.options}
+        elif dataclasses.is_dataclass(value):
+            out[f.name] = to_dict(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``key=value``; the value is parsed as YAML (so 2 is int, 1e-3 float)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key=value, e.g. train.steps=20")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{item}': empty key; write key=value, e.g. train.steps=20")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply dotted ``key=value`` overrides to a nested dict (types checked on build)."""
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple | list = ()) -> Config:
+    """Read a YAML config (or the defaults), apply overrides, build and type-check it."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found; pass a YAML file under configs/")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{path}': top level must be a mapping of sections")
+    apply_overrides(tree, list(overrides))
+    return _build(Config, tree, "")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML (atomically: temp file then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def resolve_world(cfg: Config, world_size: Optional[int] = None) -> Config:
+    """Fill parallel.world_size and parallel.dp (from the launcher's world size if given)."""
+    p = cfg.parallel
+    mp = cfg.model_parallel_size()
+    if world_size is not None:
+        _require(
+            p.world_size in (None, world_size),
+            f"parallel.world_size={p.world_size} but {world_size} processes were launched; "
+            f"launch {p.world_size} or set parallel.world_size={world_size}",
+        )
+        p.world_size = world_size
+    if p.world_size is None:
+        p.world_size = mp * (p.dp or 1)
+    _require(
+        p.world_size % mp == 0,
+        f"parallel: world size {p.world_size} is not divisible by tp x pp x cp = "
+        f"{p.tp}x{p.pp}x{p.cp} = {mp}; change parallel.tp/pp/cp or the number of processes",
+    )
+    dp = p.world_size // mp
+    _require(
+        p.dp in (None, dp),
+        f"parallel: world size {p.world_size} != tp x pp x cp x dp = "
+        f"{p.tp}x{p.pp}x{p.cp}x{p.dp}; set parallel.dp={dp} or launch "
+        f"{mp * (p.dp or 1)} processes",
+    )
+    p.dp = dp
+    if p.etp is None:
+        p.etp = p.tp
+    return cfg
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
+    """Check a config before any process group starts; fills derived fields.
+
+    Raises ``ConfigError`` (one line: field, problem, fix) on the first problem.
+    """
+    from megasmoe.routers import router_config_for
+
+    resolve_world(cfg, world_size)
+    p, m, e, t = cfg.parallel, cfg.model, cfg.moe, cfg.train
+    for name in ("tp", "pp", "ep", "cp", "etp"):
+        _require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1")
+    _require(p.vpp is None or p.vpp >= 1, "parallel.vpp must be >= 1 or null")
+    _require(
+        m.num_heads % p.tp == 0,
+        f"model.num_heads={m.num_heads} is not divisible by parallel.tp={p.tp}; "
+        f"choose a tp that divides the heads",
+    )
+    groups = m.num_query_groups or m.num_heads
+    _require(
+        m.num_heads % groups == 0 and groups % p.tp == 0,
+        f"model.num_query_groups={groups} must divide num_heads={m.num_heads} and be "
+        f"divisible by parallel.tp={p.tp}",
+    )
+    _require(
+        m.hidden_size % m.num_heads == 0,
+        f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}",
+    )
+    _require(e.num_experts >= 1, "moe.num_experts must be >= 1")
+    _require(
+        e.num_experts % p.ep == 0,
+        f"moe.num_experts={e.num_experts} is not divisible by parallel.ep={p.ep}; "
+        f"set ep to a divisor of the expert count",
+    )
+    _require(
+        1 <= e.topk <= e.num_experts,
+        f"moe.topk={e.topk} must be between 1 and moe.num_experts={e.num_experts}",
+    )
+    _require(
+        not (p.tp > 1 and e.num_experts > 0 and not p.sp),
+        f"parallel.tp={p.tp} with MoE requires sequence parallel; set parallel.sp=true",
+    )
+    expert_group = p.ep * p.etp
+    dense_group = p.tp * p.cp * p.dp
+    _require(
+        dense_group % expert_group == 0,
+        f"parallel.ep x etp = {p.ep}x{p.etp} must divide tp x cp x dp = {dense_group}; "
+        f"lower parallel.ep or add data-parallel ranks",
+    )
+    _require(
+        e.dispatcher in ("allgather", "alltoall", "flex"),
+        f"moe.dispatcher='{e.dispatcher}' is unknown; use allgather, alltoall or flex"
+        f"{_nearest(e.dispatcher, ['allgather', 'alltoall', 'flex'])}",
+    )
+    _require(
+        e.aux_loss_type in ("aux_loss", "seq_aux_loss", "global_aux_loss", "none"),
+        f"moe.aux_loss_type='{e.aux_loss_type}' is unknown; use aux_loss, seq_aux_loss, "
+        f"global_aux_loss or none",
+    )
+    _require(e.router_dtype in ("fp32", "fp64"), "moe.router_dtype must be fp32 or fp64")
+    if isinstance(e.layer_freq, list):
+        _require(
+            len(e.layer_freq) == m.num_layers and set(e.layer_freq) <= {0, 1},
+            f"moe.layer_freq list must hold {m.num_layers} entries of 0/1 (one per layer)",
+        )
+    else:
+        _require(e.layer_freq >= 1, "moe.layer_freq must be >= 1 or a 0/1 list per layer")
+    _require(
+        m.num_layers % p.pp == 0,
+        f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}",
+    )
+    if p.vpp is not None:
+        _require(p.pp > 1, "parallel.vpp needs parallel.pp > 1; unset vpp or raise pp")
+        _require(
+            m.num_layers % (p.pp * p.vpp) == 0,
+            f"model.num_layers={m.num_layers} is not divisible by pp x vpp = {p.pp * p.vpp}",
+        )
+    if p.cp > 1:
+        _require(
+            t.seq_length % (2 * p.cp) == 0,
+            f"train.seq_length={t.seq_length} must be divisible by 2 x parallel.cp={2 * p.cp}",
+        )
+    if p.sp:
+        _require(
+            t.seq_length % p.tp == 0,
+            f"train.seq_length={t.seq_length} is not divisible by parallel.tp={p.tp} "
+            f"(sequence parallel splits the sequence)",
+        )
+    _require(t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+    _require(
+        t.global_batch_size % (t.micro_batch_size * p.dp) == 0,
+        f"train.global_batch_size={t.global_batch_size} is not divisible by "
+        f"micro_batch_size x dp = {t.micro_batch_size}x{p.dp}; set it to a multiple of "
+        f"{t.micro_batch_size * p.dp}",
+    )
+    if p.pp > 1:
+        num_micro = t.global_batch_size // (t.micro_batch_size * p.dp)
+        if p.vpp is not None:
+            _require(
+                num_micro % p.pp == 0,
+                f"interleaved pipeline needs micro batches per step ({num_micro}) divisible "
+                f"by parallel.pp={p.pp}; raise train.global_batch_size",
+            )
+    _require(t.steps >= 1, "train.steps must be >= 1")
+    _require(
+        t.lr_schedule in ("cosine", "linear", "constant", "wsd"),
+        f"train.lr_schedule='{t.lr_schedule}' is unknown; use cosine, linear, constant or wsd",
+    )
+    _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
+    _require(t.warmup_steps < t.steps or t.steps == 1, f"train.warmup_steps={t.warmup_steps} must be < train.steps={t.steps}; lower train.warmup_steps")
+    _require(
+        t.precision in ("auto", "fp32", "bf16"),
+        f"train.precision='{t.precision}' is unknown; use auto, fp32 or bf16",
+    )
+    _require(t.log_interval >= 1, "train.log_interval must be >= 1")
+    _require(t.eval_interval >= 0, "train.eval_interval must be >= 0")
+    _require(
+        cfg.data.source in ("mock", "indexed"),
+        f"data.source='{cfg.data.source}' is unknown; use mock or indexed",
+    )
+    if cfg.data.source == "indexed":
+        _require(bool(cfg.data.prefixes), "data.prefixes is empty; list .bin/.idx path prefixes")
+    router_config_for(cfg)  # router name and its fields
+    return cfg

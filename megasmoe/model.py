@@ -1,0 +1,233 @@
+"""The model: megatron-core GPTModel with MoE layers, built from megatron-core layer specs.
+
+SwiGLU experts, RMSNorm, RoPE, optional shared expert, MoE layer frequency. The layer
+specs are megatron-core's own: the Transformer Engine spec when TE imports, else the
+local spec with its norms swapped for ``RMSNorm`` below (megatron's local torch norm
+refuses sequence parallel). The router comes from the registry through the
+``MoESubmodules.router`` plug point, so nothing here knows which router is used.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megasmoe.config import Config
+from megasmoe.routers import router_config_for, router_spec
+
+__all__ = [
+    "RMSNorm",
+    "te_available",
+    "padded_vocab_size",
+    "to_transformer_config",
+    "decoder_block_spec",
+    "build_model_chunks",
+    "layout_invariant_init",
+]
+
+
+def te_available() -> bool:
+    """True when Transformer Engine imports (then its layer spec is used)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm that works under sequence parallelism (megatron norm-module signature).
+
+    The weight is marked ``sequence_parallel`` so megatron's ``finalize_model_grads``
+    all-reduces its gradient over the tensor-parallel group: each TP rank only sees its
+    slice of the sequence.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **kwargs):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise the last dimension in fp32, scale, cast back."""
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Megatron's vocab padding: round up to a multiple of ``multiple x tp``."""
+    step = multiple * tp
+    return ((vocab_size + step - 1) // step) * step
+
+
+def _dtypes(cfg: Config) -> tuple[torch.dtype, bool]:
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    return (torch.bfloat16, True) if precision == "bf16" else (torch.float32, False)
+
+
+def to_transformer_config(cfg: Config) -> TransformerConfig:
+    """The one mapping from megasmoe's Config to megatron-core's TransformerConfig."""
+    m, e, p, t = cfg.model, cfg.moe, cfg.parallel, cfg.train
+    dtype, bf16 = _dtypes(cfg)
+    on_cpu = not torch.cuda.is_available()
+    fields = dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=m.dropout,
+        attention_dropout=m.dropout,
+        init_method_std=m.init_std,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        context_parallel_size=p.cp,
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=p.etp if p.etp is not None else p.tp,
+        sequence_parallel=p.sp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=bf16,
+        # Loss is summed per token and divided by the global token count in
+        # finalize_model_grads: every layout sees the same normalisation.
+        calculate_per_token_loss=True,
+        num_moe_experts=e.num_experts,
+        moe_router_topk=e.topk,
+        moe_ffn_hidden_size=e.ffn_hidden_size,
+        moe_layer_freq=e.layer_freq,
+        moe_shared_expert_intermediate_size=e.shared_expert_size or None,
+        moe_token_dispatcher_type=e.dispatcher,
+        moe_router_load_balancing_type=e.aux_loss_type,
+        moe_aux_loss_coeff=0.0 if e.aux_loss_type == "none" else e.aux_loss_coeff,
+        moe_z_loss_coeff=e.z_loss_coeff,
+        moe_expert_capacity_factor=e.capacity_factor,
+        moe_grouped_gemm=e.grouped_gemm,
+        moe_router_dtype=e.router_dtype,
+        # The fused kernels below need apex / TE / CUDA; the unfused paths are exact.
+        use_cpu_initialization=on_cpu,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        moe_permute_fusion=False,
+    )
+    if t.recompute:
+        fields.update(recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=1)
+    fields.update(router_config_for(cfg).transformer_config_overrides())
+    return TransformerConfig(**fields)
+
+
+def decoder_block_spec(tc: TransformerConfig, cfg: Config, vp_stage: Optional[int] = None):
+    """megatron-core's GPT decoder block spec for this stage, with our router and norms."""
+    use_te = te_available()
+    block = get_gpt_decoder_block_spec(
+        tc, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage,
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+    )
+    router = router_spec(cfg)
+    layers = []
+    for spec in block.layer_specs:
+        spec = copy.deepcopy(spec)  # megatron shares one spec object across layers
+        sub = spec.submodules
+        if not use_te:
+            sub.input_layernorm = RMSNorm
+            sub.pre_mlp_layernorm = RMSNorm
+        if getattr(sub.mlp, "module", None) is MoELayer:
+            sub.mlp.submodules.router = router
+        layers.append(spec)
+    block.layer_specs = layers
+    if not use_te:
+        block.layer_norm = RMSNorm
+    return block
+
+
+def build_model_chunks(cfg: Config, tc: TransformerConfig) -> list[GPTModel]:
+    """The GPTModel chunks of this rank (one per virtual pipeline stage), un-wrapped."""
+    vpp = cfg.parallel.vpp
+    stages = range(vpp) if vpp else [None]
+    chunks = []
+    for vp_stage in stages:
+        model = GPTModel(
+            config=tc,
+            transformer_layer_spec=decoder_block_spec(tc, cfg, vp_stage),
+            vocab_size=padded_vocab_size(cfg.model.vocab_size, cfg.parallel.tp),
+            max_sequence_length=cfg.train.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=cfg.model.share_embeddings,
+            position_embedding_type="rope",
+            rotary_base=cfg.model.rope_base,
+            vp_stage=vp_stage,
+        )
+        model.model_type = getattr(model, "model_type", None)
+        chunks.append(model)
+    return chunks
+
+
+_OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def _sharded_tensors(tree):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _sharded_tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _sharded_tensors(value)
+    elif isinstance(tree, ShardedTensorFactory):
+        yield from _sharded_tensors(tree.build())
+    elif isinstance(tree, ShardedTensor):
+        yield tree
+
+
+@torch.no_grad()
+def layout_invariant_init(chunks: list, seed: int, std: float, num_layers: int) -> None:
+    """Re-initialise every random weight so its values depend only on its global identity.
+
+    Megatron draws init values in the order a rank builds its modules, so a model built
+    at TP=2, PP=2 or EP=2 starts from different weights than at world size 1. Here each
+    weight (matrix; norms and biases keep their constant init) is drawn from a generator
+    seeded by (seed, checkpoint key, expert/GLU index) over its global per-key shape,
+    and each rank keeps its slice: every layout starts from the same model.
+    Output projections get std / sqrt(2 num_layers), like megatron's scaled init.
+    """
+    out_std = std / (2.0 * num_layers) ** 0.5
+    for chunk in chunks:
+        for sh in _sharded_tensors(chunk.sharded_state_dict()):
+            data = sh.data
+            if data is None or data.dim() < 2 or not data.is_floating_point():
+                continue
+            pre = sh.prepend_axis_num
+            ident = f"{sh.key}|{sh.global_offset[:pre]}"
+            gen = torch.Generator(device=data.device)
+            gen.manual_seed((seed * 1_000_003 + zlib.crc32(ident.encode())) % (2**63))
+            full = torch.randn(sh.global_shape[pre:], generator=gen, device=data.device,
+                               dtype=torch.float32)
+            scale = out_std if sh.key.endswith(_OUTPUT_PROJECTIONS) else std
+            index = tuple(
+                slice(o, o + n) for o, n in zip(sh.global_offset[pre:], sh.local_shape)
+            )
+            data.copy_((full[index] * scale).reshape(data.shape).to(data.dtype))

@@ -1,0 +1,228 @@
+"""Run megatron-core on CPU with gloo: every patch in one place.
+
+megatron-core 0.16.1 has no CPU path upstream. It hard-codes CUDA in a handful of
+places that a CPU run hits. ``activate()`` installs the small set of measures below,
+and only when ``torch.cuda.is_available()`` is False: on a GPU machine nothing here
+runs and megatron-core is used exactly as shipped. Each patch is tested in
+tests/test_platform.py.
+
+Patches (what each answers in megatron-core 0.16.1):
+
+P1 ``cuda_device_functions``
+    ``torch.cuda.current_device`` returns the CPU device and ``torch.cuda.synchronize``
+    is a no-op. Answers ~175 call sites, e.g. ``GlobalMemoryBuffer.get_tensor``
+    (utils.py), sequence-parallel gathers (tensor_parallel/mappings.py), the router's
+    expert-bias buffers (transformer/moe/router.py), dist_checkpointing's async writer.
+
+P2 ``cuda_stream_standins``
+    ``torch.cuda.Stream``, ``Event``, ``current_stream``, ``default_stream`` and the
+    ``torch.cuda.stream(...)`` context become no-op objects. Answers the alltoall token
+    dispatcher, which creates a side stream in ``MoEAlltoAllTokenDispatcher.__init__``
+    (transformer/moe/token_dispatcher.py) even when overlap is off.
+
+P3 ``device_mode`` (a ``torch.overrides.TorchFunctionMode``)
+    Maps ``device='cuda'`` / ``device=<int>`` to CPU for factory functions and
+    ``Tensor.to``; ``Tensor.cuda()`` and ``Tensor.pin_memory()`` return the tensor;
+    ``Tensor.type()`` answers ``torch.cuda.<X>Tensor``. Answers the ``device='cuda'``
+    literals in optimizer/grad_scaler.py, optimizer/optimizer.py and
+    distributed/param_and_grad_buffer.py, and the type-string checks
+    (``param.type() == 'torch.cuda.FloatTensor'``) in optimizer/optimizer.py,
+    optimizer/distrib_optimizer.py and optimizer/clip_grads.py. A mode is
+    thread-local: threads started by megatron-core do not see it (none on our path).
+
+P4 ``cpu_rng_tracker``
+    Replaces the CUDA RNG-states tracker (tensor_parallel/random.py:
+    ``CudaRNGStatesTracker.add`` calls ``torch.cuda.get_rng_state``; ``fork`` swaps the
+    CUDA generator) with one that forks the CPU generator, so the model-parallel,
+    expert-parallel and data-parallel RNG streams (dropout, init) work and are
+    reproducible; also ``_get_cuda_rng_state``/``_set_cuda_rng_state`` used by
+    activation recomputation.
+
+P5 ``alltoall_split_sizes``
+    ``maybe_move_tensor_to_cpu`` as imported by transformer/moe/token_dispatcher.py
+    converts split-size tensors to numpy only when they are on CUDA; on CPU the
+    alltoall dispatcher then hands tensors to ``all_to_all_single``, which takes
+    sequences of ints. The replacement converts CPU tensors too when ``as_numpy``.
+
+Not a patch but part of the same contract (see megasmoe/routers/base.py): the router
+computes its logits with ``gating()`` overridden to run in fp32 on the input's device,
+because ``Router.gating`` moves the weight to the CUDA device and, without Transformer
+Engine, ``router_gating_linear`` raises NameError in 0.16.1 (fixed upstream in 0.17).
+psutil is a hard dependency: dist_checkpointing's writer hangs without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["activate", "is_active", "PATCHES"]
+
+PATCHES = (
+    "cuda_device_functions",
+    "cuda_stream_standins",
+    "device_mode",
+    "cpu_rng_tracker",
+    "alltoall_split_sizes",
+)
+
+_state: dict[str, Any] = {"active": False, "mode": None}
+
+
+def is_active() -> bool:
+    """True once ``activate()`` has installed the CPU patches in this process."""
+    return _state["active"]
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # Megatron passes torch.cuda.current_device() (an int on GPU) as a device.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _NoOpStream:
+    """Stand-in for torch.cuda.Stream / Event: every method is a no-op."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def record_event(self, *args, **kwargs) -> "_NoOpStream":
+        # Stream.record_event returns an Event the dispatcher later synchronizes on.
+        return _NoOpStream()
+
+    def query(self) -> bool:
+        return True
+
+
+class _CpuDeviceMode(TorchFunctionMode):
+    """P3: redirect CUDA device requests to CPU and keep CUDA type names."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if i > 0 and _is_cuda_device(a) else a for i, a in enumerate(args))
+        elif func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
+            return args[0]
+        elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            # The optimizer only accepts parameters whose type string is a CUDA type.
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
+def _install_cuda_device_functions() -> None:
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+
+
+def _install_cuda_stream_standins() -> None:
+    torch.cuda.Stream = _NoOpStream
+    torch.cuda.Event = _NoOpStream
+    torch.cuda.current_stream = lambda *args, **kwargs: _NoOpStream()
+    torch.cuda.default_stream = lambda *args, **kwargs: _NoOpStream()
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+
+
+def _install_cpu_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        """The megatron RNG-states tracker, on torch's CPU generator."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            saved = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            saved = torch.get_rng_state()
+            outer = self._current_state_name
+            if outer != "default-rng":
+                self.states_[outer] = saved
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(self.states_[outer] if outer != "default-rng" else saved)
+                self._current_state_name = outer
+
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mrandom.CpuRNGStatesTracker = CpuRNGStatesTracker
+
+
+def _install_alltoall_split_sizes() -> None:
+    from megatron.core.transformer.moe import token_dispatcher
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and as_numpy:
+            return tensor.cpu().numpy()
+        return tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def activate() -> bool:
+    """Install the CPU patches once per process; a no-op (returns False) under CUDA.
+
+    Call it before building megatron-core objects. Idempotent.
+    """
+    if torch.cuda.is_available():
+        return False
+    if _state["active"]:
+        return True
+    _install_cuda_device_functions()
+    _install_cuda_stream_standins()
+    _install_cpu_rng_tracker()
+    _install_alltoall_split_sizes()
+    mode = _CpuDeviceMode()
+    mode.__enter__()  # stays entered for the life of the process (main thread).
+    _state.update(active=True, mode=mode)
+    return True
+
+
+def seed_rng_streams(seed: int, tp_rank: int, ep_rank: int, etp_rank: int) -> None:
+    """Seed torch and megatron's tracked RNG streams, on CPU or CUDA.
+
+    Same seeds as ``model_parallel_cuda_manual_seed`` (data-parallel: seed; tensor
+    parallel: seed + 2718 + tp_rank; expert parallel: seed + 1024 + 100 ep + etp) so a
+    CPU and a GPU run draw from the same streams.
+    """
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        mrandom.model_parallel_cuda_manual_seed(
+            seed, tp_rank=tp_rank, ep_rank=ep_rank, etp_rank=etp_rank
+        )
+        return
+    tracker = mrandom.get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank)

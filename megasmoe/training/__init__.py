@@ -1,0 +1,1 @@
+"""The pretraining loop on megatron-core (DDP, optimizer, schedules, metrics)."""

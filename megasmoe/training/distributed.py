@@ -1,0 +1,66 @@
+"""Process groups: torch.distributed from the launcher's env, then megatron's groups."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megasmoe import platform
+from megasmoe.config import Config
+
+__all__ = ["init_distributed", "destroy_distributed", "rank", "is_main"]
+
+
+def rank() -> int:
+    """Global rank (0 when torch.distributed is not initialised)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """True on global rank 0: the rank that writes run-level outputs."""
+    return rank() == 0
+
+
+def init_distributed(cfg: Config, timeout_s: int = 600) -> None:
+    """Start torch.distributed (env:// from torchrun/srun) and megatron's parallel groups.
+
+    Must run after ``validate``. Uses nccl with CUDA, gloo otherwise; seeds the RNG streams.
+    """
+    platform.activate()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group(
+            backend=platform.backend(), timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp,
+        context_parallel_size=p.cp,
+        expert_model_parallel_size=p.ep,
+        expert_tensor_parallel_size=p.etp,
+    )
+    platform.seed_rng_streams(
+        cfg.run.seed,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        etp_rank=parallel_state.get_expert_tensor_parallel_rank(),
+    )
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron's groups and the default process group."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

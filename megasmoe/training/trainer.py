@@ -1,0 +1,342 @@
+"""The pretraining loop, assembled from megatron-core parts.
+
+DistributedDataParallel, ``get_megatron_optimizer`` (plain or distributed),
+``OptimizerParamScheduler``, ``get_forward_backward_func`` (no pipelining, 1F1B or
+interleaved 1F1B), ``finalize_model_grads`` and the micro-batch calculator. There is no
+global args object: everything comes from one ``Config``. The trainer does not know
+which router runs; routers reach it only through megatron's aux-loss tracker and the
+telemetry buffers read in ``megasmoe.training.telemetry``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.num_microbatches_calculator import (
+    destroy_num_microbatches_calculator,
+    get_num_microbatches,
+    init_num_microbatches_calculator,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.moe import moe_utils
+
+from megasmoe import platform
+from megasmoe.config import Config, save_config
+from megasmoe.model import build_model_chunks, layout_invariant_init, to_transformer_config
+from megasmoe.training import telemetry
+from megasmoe.training.data import batch_iterator, build_datasets
+from megasmoe.training.distributed import destroy_distributed, init_distributed, is_main
+from megasmoe.training.metrics import MetricsWriter, Throughput
+
+__all__ = ["Trainer", "pretrain"]
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Sum of token losses, token count, and the pair for reporting (per-token loss mode)."""
+    mask = loss_mask.reshape(-1).float()
+    loss = (output.float().reshape(-1) * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss.detach(), mask.sum().detach()])
+    return loss, num_tokens, {"lm loss": report}
+
+
+class Trainer:
+    """Builds model, optimizer, scheduler and data for one run, then trains it."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device = platform.device()
+        self.tc = to_transformer_config(cfg)
+        self.step = 0
+        self.consumed_samples = 0
+        self._build_model()
+        self._build_optimizer()
+        self._build_data()
+        self.metrics = MetricsWriter(
+            cfg.run.path, enabled=is_main(), tensorboard=cfg.logging.tensorboard,
+            progress=cfg.logging.progress, total_steps=cfg.train.steps,
+        )
+
+    # ------------------------------------------------------------------ building
+
+    def _build_model(self) -> None:
+        cfg, tc = self.cfg, self.tc
+        chunks = build_model_chunks(cfg, tc)
+        layout_invariant_init(chunks, cfg.run.seed, cfg.model.init_std, cfg.model.num_layers)
+        if torch.cuda.is_available():
+            chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
+        if tc.bf16:
+            chunks = [Float16Module(tc, c) for c in chunks]
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.train.distributed_optimizer,
+        )
+        self.model = [
+            DistributedDataParallel(
+                config=tc, ddp_config=ddp_config, module=c,
+                # Only the first chunk buckets: megatron-LM's rule for interleaving.
+                disable_bucketing=i > 0,
+            )
+            for i, c in enumerate(chunks)
+        ]
+        self.unwrapped = chunks
+
+    def _build_optimizer(self) -> None:
+        cfg, tc, t = self.cfg, self.tc, self.cfg.train
+        opt_config = OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=tc.bf16,
+            params_dtype=tc.params_dtype,
+            use_distributed_optimizer=t.distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(opt_config, self.model)
+        style = {"cosine": "cosine", "linear": "linear", "constant": "constant", "wsd": "WSD"}
+        wsd_steps = t.wsd_decay_steps or max(1, t.steps // 10)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=t.lr,
+            min_lr=t.min_lr,
+            lr_warmup_steps=t.warmup_steps,
+            lr_decay_steps=t.steps,
+            lr_decay_style=style[t.lr_schedule],
+            start_wd=t.weight_decay,
+            end_wd=t.weight_decay,
+            wd_incr_steps=t.steps,
+            wd_incr_style="constant",
+            wsd_decay_steps=wsd_steps if t.lr_schedule == "wsd" else None,
+            lr_wsd_decay_style="linear" if t.lr_schedule == "wsd" else None,
+        )
+        no_sync = [m.no_sync for m in self.model]
+        tc.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        tc.grad_scale_func = self.optimizer.scale_loss
+        tc.finalize_model_grads_func = finalize_model_grads
+        init_num_microbatches_calculator(
+            dist.get_rank(), None, t.global_batch_size, t.micro_batch_size,
+            parallel_state.get_data_parallel_world_size(),
+        )
+
+    def _build_data(self) -> None:
+        self.train_ds, self.valid_ds, self.test_ds = build_datasets(self.cfg)
+
+    def _iterators(self, dataset, consumed: int) -> list:
+        """One identical iterator per model chunk (each chunk draws every micro batch)."""
+        t = self.cfg.train
+        return [
+            batch_iterator(dataset, consumed, t.micro_batch_size,
+                           parallel_state.get_data_parallel_rank(),
+                           parallel_state.get_data_parallel_world_size(),
+                           self.cfg.data.num_workers)
+            for _ in self.model
+        ]
+
+    # ------------------------------------------------------------------ stepping
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(_loss_func, batch["loss_mask"])
+
+    def _run_schedule(self, iterators, forward_only: bool) -> list:
+        t = self.cfg.train
+        fb = get_forward_backward_func()
+        return fb(
+            forward_step_func=self._forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=get_num_microbatches(),
+            seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _global_loss(self, losses: list) -> tuple[float, float]:
+        """(mean loss per token, tokens) over all micro batches and data-parallel ranks.
+
+        Loss values live on the last pipeline stage; tensor-parallel ranks hold copies,
+        so only tp rank 0 contributes. One all-reduce over the world.
+        """
+        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and \
+                parallel_state.get_tensor_model_parallel_rank() == 0:
+            for item in losses:
+                acc += item["lm loss"].to(acc)
+        dist.all_reduce(acc)
+        return (acc[0] / acc[1]).item(), acc[1].item()
+
+    def train_step(self) -> dict:
+        """One optimizer step over global_batch_size samples; returns its scalars."""
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._run_schedule(self._train_iters, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.step += 1
+        self.consumed_samples += self.cfg.train.global_batch_size
+        if ok:
+            self.scheduler.step(increment=1)
+        loss, tokens = self._global_loss(losses)
+        return {"loss": loss, "tokens": tokens, "grad_norm": grad_norm,
+                "lr": self.optimizer.param_groups[0]["lr"], "skipped": not ok}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss and perplexity over eval_iters global batches."""
+        t = self.cfg.train
+        for m in self.model:
+            m.eval()
+        total, tokens = 0.0, 0.0
+        for _ in range(t.eval_iters):
+            losses = self._run_schedule(self._valid_iters, forward_only=True)
+            loss, n = self._global_loss(losses)
+            total, tokens = total + loss * n, tokens + n
+        for m in self.model:
+            m.train()
+        # Eval must not leak into the training aux-loss logs.
+        moe_utils.clear_aux_losses_tracker()
+        telemetry.reset(self.unwrapped)
+        loss = total / max(tokens, 1.0)
+        return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0))}
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict:
+        """Train for train.steps steps with logging and evaluation; returns final scalars."""
+        cfg, t = self.cfg, self.cfg.train
+        if is_main():
+            save_config(cfg, cfg.run.path / "config.yaml")
+        self._train_iters = self._iterators(self.train_ds, self.consumed_samples)
+        self._valid_iters = self._iterators(self.valid_ds, 0)
+        for m in self.model:
+            m.train()
+        tokens_per_step = t.global_batch_size * t.seq_length
+        self.metrics.info(
+            f"megasmoe: training {cfg.run.name} for {t.steps} steps "
+            f"({tokens_per_step:,} tokens/step) on {dist.get_world_size()} "
+            f"{'GPU' if torch.cuda.is_available() else 'CPU'} process(es): "
+            f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} ep={cfg.parallel.ep} "
+            f"dp={cfg.parallel.dp} router={cfg.moe.router.name}"
+        )
+        meter = Throughput()
+        window_losses: list[float] = []
+        last: dict = {}
+        history: list[float] = []
+        while self.step < t.steps:
+            out = self.train_step()
+            meter.add(tokens_per_step)
+            window_losses.append(out["loss"])
+            history.append(out["loss"])
+            if self.step % t.log_interval == 0 or self.step == t.steps:
+                tps, step_time = meter.read()
+                scalars = {
+                    "train/loss": sum(window_losses) / len(window_losses),
+                    "train/lr": out["lr"],
+                    "train/grad_norm": out["grad_norm"],
+                    "train/tokens_per_sec": tps,
+                    "train/step_time_s": step_time,
+                    "train/consumed_samples": self.consumed_samples,
+                    "train/mem_gb": _memory_gb(),
+                }
+                if torch.cuda.is_available():
+                    scalars["train/tflops_per_gpu"] = _tflops_per_gpu(cfg, tps)
+                scalars.update(self._moe_scalars(len(window_losses)))
+                self.metrics.log(self.step, scalars)
+                self.metrics.print_progress(
+                    self.step, scalars["train/loss"], out["lr"], tps, step_time
+                )
+                window_losses = []
+                last.update(scalars)
+            if t.eval_interval and self.step % t.eval_interval == 0 or self.step == t.steps:
+                ev = self.evaluate()
+                self.metrics.log(self.step, ev)
+                self.metrics.info(
+                    f"  eval step {self.step}: valid loss {ev['valid/loss']:.4f} "
+                    f"ppl {ev['valid/ppl']:.2f}"
+                )
+                last.update(ev)
+                meter.read()  # eval time is not training throughput
+        last["losses"] = history
+        return last
+
+    def _moe_scalars(self, steps: int) -> dict:
+        """Aux losses per MoE layer from megatron's tracker and router telemetry."""
+        moe_utils.reduce_aux_losses_tracker_across_ranks()
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        scale = 1.0 / (get_num_microbatches() * steps)
+        out = {}
+        for name, entry in tracker.items():
+            values = entry["values"].float() * scale
+            for layer in range(values.numel()):
+                if values[layer] != 0:
+                    out[f"moe/{name}/layer_{layer}"] = values[layer].item()
+        moe_utils.clear_aux_losses_tracker()
+        out.update(telemetry.collect(self.unwrapped, self.cfg))
+        return out
+
+    def close(self) -> None:
+        """Close outputs and free megatron's global state."""
+        self.metrics.close()
+        destroy_num_microbatches_calculator()
+
+
+def _memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def _tflops_per_gpu(cfg: Config, tokens_per_sec: float) -> float:
+    """Model TFLOP/s per GPU: 6 x active params per token + attention (approximate)."""
+    m, e = cfg.model, cfg.moe
+    h, L = m.hidden_size, m.num_layers
+    attn = 4 * h * h
+    expert = 3 * h * e.ffn_hidden_size * e.topk + 3 * h * e.shared_expert_size
+    active = L * (attn + expert) + 2 * m.vocab_size * h
+    flops = 6 * active + 12 * L * h * cfg.train.seq_length
+    return flops * tokens_per_sec / dist.get_world_size() / 1e12
+
+
+def pretrain(cfg: Config) -> dict:
+    """Run one pretraining job in this process (launched by torchrun/srun or alone).
+
+    ``cfg`` must already be validated. Returns the final scalars on every rank.
+    """
+    init_distributed(cfg)
+    trainer = Trainer(cfg)
+    try:
+        result = trainer.fit()
+        if is_main():
+            run_dir = cfg.run.path.resolve()
+            trainer.metrics.info(
+                f"\nDone. Outputs in {run_dir}\n"
+                f"  config:      {run_dir / 'config.yaml'}\n"
+                f"  metrics:     {run_dir / 'metrics.jsonl'}\n"
+                f"  TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
+            )
+        return result
+    finally:
+        trainer.close()
+        destroy_distributed()
