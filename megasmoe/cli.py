@@ -2,6 +2,7 @@
 
     megasmoe pretrain [CONFIG.yaml] [key=value ...]   train (under torchrun/srun or alone)
     megasmoe check    [CONFIG.yaml] [key=value ...]   validate a config, print the layout
+    megasmoe world-size [CONFIG.yaml] [key=value ...] validate, print the process count
     megasmoe routers                                  list registered routers and fields
     megasmoe config-reference                         print every config field, documented
 
@@ -58,6 +59,12 @@ def _cmd_check(args) -> int:
     return 0
 
 
+def _cmd_world_size(args) -> int:
+    cfg = _load(args)
+    print(cfg.parallel.world_size)
+    return 0
+
+
 def _cmd_routers(args) -> int:
     from megasmoe.config import field_docs
     from megasmoe.routers import registered_routers, router_entry
@@ -92,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, helptext in (
         ("pretrain", _cmd_pretrain, "train a model"),
         ("check", _cmd_check, "validate a config and print the parallel layout"),
+        ("world-size", _cmd_world_size, "validate a config and print its world size"),
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("config", nargs="?", default=None, help="YAML config (configs/*.yaml)")

@@ -132,6 +132,12 @@ def to_transformer_config(cfg: Config) -> TransformerConfig:
         apply_rope_fusion=False,
         persist_layer_norm=False,
         moe_permute_fusion=False,
+        # gloo matches point-to-point messages between two ranks by posting order and
+        # tag. Batched p2p posts send_prev before send_next; at PP=2 both go to the same
+        # peer, whose receives are posted in the other order, so a gradient would land
+        # in an activation buffer (seen with interleaved PP). The unbatched path orders
+        # by rank parity over two groups and is exact on gloo; NCCL keeps batching.
+        batch_p2p_comm=not on_cpu,
     )
     if t.recompute:
         fields.update(recompute_granularity="full", recompute_method="uniform",

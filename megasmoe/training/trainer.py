@@ -301,11 +301,12 @@ class Trainer:
 
 
 def _memory_gb() -> float:
+    """Peak memory of this process: CUDA allocator peak on GPU, peak RSS on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    import psutil
+    import resource
 
-    return psutil.Process().memory_info().rss / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def _tflops_per_gpu(cfg: Config, tokens_per_sec: float) -> float:

@@ -1,0 +1,69 @@
+"""Shared test helpers: run real megasmoe jobs (torchrun, gloo) and read their outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+
+# A small, fast model for multi-process tests (the default config's shape, fewer steps).
+FAST = [
+    "train.warmup_steps=1",
+    "train.log_interval=1",
+    "train.eval_interval=0",
+    "train.eval_iters=1",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "logging.progress=false",
+]
+
+
+def run_megasmoe(args: list[str], nproc: int = 1, timeout: int = 600,
+                 env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``megasmoe <args>`` under torchrun with ``nproc`` processes (gloo, CPU)."""
+    cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "megasmoe.cli", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"megasmoe {' '.join(args)} failed (rc={proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """All records of a run's metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """{step: train/loss} from metrics.jsonl (log_interval=1 gives every step)."""
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def pretrain(tmp_path: Path, name: str, overrides: list[str], nproc: int,
+             config: str = "configs/tiny-cpu.yaml") -> Path:
+    """Train a run in ``tmp_path/name``; returns its run directory."""
+    run_dir = tmp_path / name
+    run_megasmoe(["pretrain", config, *FAST, f"run.dir={run_dir}", *overrides], nproc=nproc)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    """The repository root."""
+    return REPO
