@@ -26,6 +26,7 @@ def _quiet_megatron() -> None:
     # megatron-core warns on import when TE/Apex are absent; on CPU that is expected.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=".*apex.*", category=UserWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor. is deprecated.*")
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor. is deprecated.*")
 
@@ -78,16 +79,35 @@ def _cmd_routers(args) -> int:
     return 0
 
 
-def _cmd_config_reference(args) -> int:
+def config_reference_rows() -> list[tuple[str, object, str]]:
+    """(dotted name, default, docstring) for every config field, router fields included."""
     import dataclasses
 
     from megasmoe.config import Config, field_docs
+    from megasmoe.routers import registered_routers, router_entry
 
+    rows = []
+    defaults = Config()
     for section in dataclasses.fields(Config):
-        cls = section.type if isinstance(section.type, type) else type(getattr(Config(), section.name))
-        defaults = getattr(Config(), section.name)
-        for name, text in field_docs(cls).items():
-            print(f"{section.name}.{name} = {getattr(defaults, name)!r}: {text}")
+        value = getattr(defaults, section.name)
+        for name, text in field_docs(type(value)).items():
+            if section.name == "moe" and name == "router":
+                continue
+            rows.append((f"{section.name}.{name}", getattr(value, name), text))
+    rows.append(("moe.router.name", "topk", field_docs(type(defaults.moe.router))["name"]))
+    for router in registered_routers():
+        _, config_cls = router_entry(router)
+        router_defaults = config_cls()
+        for name, text in field_docs(config_cls).items():
+            rows.append((f"moe.router.{name}", getattr(router_defaults, name),
+                         f"[{router}] {text}"))
+    return rows
+
+
+def _cmd_config_reference(args) -> int:
+    print("| name | default | meaning |\n|---|---|---|")
+    for name, default, text in config_reference_rows():
+        print(f"| `{name}` | `{default!r}` | {text} |")
     return 0
 
 

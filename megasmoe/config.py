@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import difflib
 import functools
+import importlib.util
 import inspect
 import textwrap
 import typing
@@ -539,6 +540,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
             f"model.num_layers={m.num_layers} is not divisible by pp x vpp = {p.pp * p.vpp}",
         )
     if p.cp > 1:
+        _require(
+            importlib.util.find_spec("transformer_engine") is not None,
+            f"parallel.cp={p.cp} needs Transformer Engine attention (megatron-core's local "
+            f"attention has no context parallelism); set parallel.cp=1 or install the te extra",
+        )
         _require(
             t.seq_length % (2 * p.cp) == 0,
             f"train.seq_length={t.seq_length} must be divisible by 2 x parallel.cp={2 * p.cp}",
