@@ -3,6 +3,7 @@
     megasmoe pretrain [CONFIG.yaml] [key=value ...]   train (under torchrun/srun or alone)
     megasmoe check    [CONFIG.yaml] [key=value ...]   validate a config, print the layout
     megasmoe world-size [CONFIG.yaml] [key=value ...] validate, print the process count
+    megasmoe checkpoint inspect DIR                   summary + integrity check of a checkpoint
     megasmoe routers                                  list registered routers and fields
     megasmoe config-reference                         print every config field, documented
 
@@ -66,6 +67,14 @@ def _cmd_world_size(args) -> int:
     return 0
 
 
+def _cmd_checkpoint_inspect(args) -> int:
+    from megasmoe.checkpoint import format_inspection, inspect_checkpoint
+
+    report = inspect_checkpoint(args.path, check_values=not args.no_values)
+    print(format_inspection(report, all_tensors=args.all))
+    return 1 if report["problems"] else 0
+
+
 def _cmd_routers(args) -> int:
     from megasmoe.config import field_docs
     from megasmoe.routers import registered_routers, router_entry
@@ -125,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", nargs="?", default=None, help="YAML config (configs/*.yaml)")
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
         p.set_defaults(fn=fn)
+    ck = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(
+        dest="checkpoint_command", required=True)
+    ins = ck.add_parser("inspect", help="summary + integrity check of a checkpoint")
+    ins.add_argument("path", help="run dir, checkpoints dir or iter_XXXXXXX dir")
+    ins.add_argument("--all", action="store_true", help="also list optimizer tensors")
+    ins.add_argument("--no-values", action="store_true", help="skip the NaN/Inf scan")
+    ins.set_defaults(fn=_cmd_checkpoint_inspect)
     sub.add_parser("routers", help="list routers").set_defaults(fn=_cmd_routers)
     sub.add_parser("config-reference", help="list config fields").set_defaults(
         fn=_cmd_config_reference)
@@ -143,12 +159,16 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_megatron()
     args = build_parser().parse_args(argv)
     _split_config_arg(args)
+    from megasmoe.checkpoint import CheckpointError
     from megasmoe.config import ConfigError
 
     try:
         return args.fn(args)
     except ConfigError as e:
         print(f"megasmoe: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except CheckpointError as e:
+        print(f"megasmoe: checkpoint error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 
 

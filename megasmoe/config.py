@@ -198,6 +198,8 @@ class TrainConfig:
     """Validation batches (of global_batch_size) per evaluation."""
     recompute: bool = False
     """Full activation recomputation of each layer (saves memory)."""
+    exit_at_step: Optional[int] = None
+    """Stop after this step with a checkpoint (the LR schedule still spans train.steps)."""
 
 
 @dataclass
@@ -220,12 +222,22 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Distributed checkpoints."""
+    """Distributed checkpoints (megatron-core dist_checkpointing, torch_dist)."""
 
+    enabled: bool = True
+    """Save checkpoints under <run dir>/checkpoints (at the end, every interval, on signal)."""
     interval: int = 0
-    """Steps between checkpoints; 0 = only at the end of training (if enabled)."""
-    enabled: bool = False
-    """Save checkpoints at all."""
+    """Steps between checkpoints; 0 = only at the end of training."""
+    keep_last: int = 3
+    """Keep the newest N checkpoints (older ones are deleted unless permanent); 0 = keep all."""
+    keep_every: int = 0
+    """Checkpoints at steps divisible by this are permanent (never pruned); 0 = none."""
+    resume: bool = True
+    """Resume from <run dir>/checkpoints/latest if it exists."""
+    resume_step: Optional[int] = None
+    """Resume from this iteration instead of latest."""
+    async_save: Union[str, bool] = "auto"
+    """auto (asynchronous on GPU, synchronous on CPU), true or false."""
 
 
 @dataclass
@@ -587,6 +599,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         cfg.data.source in ("mock", "indexed"),
         f"data.source='{cfg.data.source}' is unknown; use mock or indexed",
     )
+    c = cfg.checkpoint
+    _require(c.interval >= 0, "checkpoint.interval must be >= 0 (0 = only at the end)")
+    _require(c.keep_last >= 0, "checkpoint.keep_last must be >= 0 (0 = keep all)")
+    _require(c.async_save in ("auto", "true", "false", True, False),
+             f"checkpoint.async_save={c.async_save!r}; use auto, true or false")
     if cfg.data.source == "indexed":
         _require(bool(cfg.data.prefixes), "data.prefixes is empty; list .bin/.idx path prefixes")
     router_config_for(cfg)  # router name and its fields

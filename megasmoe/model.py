@@ -188,9 +188,23 @@ def build_model_chunks(cfg: Config, tc: TransformerConfig) -> list[GPTModel]:
             rotary_base=cfg.model.rope_base,
             vp_stage=vp_stage,
         )
-        model.model_type = getattr(model, "model_type", None)
+        mark_expert_params(model)
         chunks.append(model)
     return chunks
+
+
+def mark_expert_params(model: torch.nn.Module) -> None:
+    """Treat routed-expert weights as expert-parallel even at EP=1.
+
+    megatron-core marks expert weights (``allreduce=False``) only when EP > 1, so the
+    optimizer is one group at EP=1 and a chain (dense, expert) at EP > 1, and an
+    optimizer checkpoint cannot move between them. Marking them always makes the
+    structure layout-independent; at EP=1 the expert data-parallel group is the data
+    parallel group, so the gradient reduction is the same.
+    """
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in f".{name}":
+            param.allreduce = False
 
 
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")

@@ -32,7 +32,8 @@ class MetricsWriter:
     """Writes scalars to TensorBoard and metrics.jsonl and prints progress (rank 0 only)."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True,
-                 progress: bool = True, total_steps: int = 0):
+                 progress: bool = True, total_steps: int = 0,
+                 purge_step: Optional[int] = None):
         self.enabled = enabled
         self.progress = progress
         self.total_steps = total_steps
@@ -46,7 +47,9 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            # purge_step drops events a crashed run logged after its last checkpoint.
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
+                                     purge_step=purge_step)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         """Record ``scalars`` (tag -> value) at ``step``."""

@@ -10,9 +10,8 @@ telemetry buffers read in ``megasmoe.training.telemetry``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
+import signal
 from functools import partial
 from typing import Optional
 
@@ -32,6 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe import moe_utils
 
+from megasmoe import checkpoint as ckpt
 from megasmoe import platform
 from megasmoe.config import Config, save_config
 from megasmoe.model import build_model_chunks, layout_invariant_init, to_transformer_config
@@ -40,7 +40,41 @@ from megasmoe.training.data import batch_iterator, build_datasets
 from megasmoe.training.distributed import destroy_distributed, init_distributed, is_main
 from megasmoe.training.metrics import MetricsWriter, Throughput
 
-__all__ = ["Trainer", "pretrain"]
+__all__ = ["Trainer", "pretrain", "RequeueExit", "EXIT_REQUEUE"]
+
+EXIT_REQUEUE = 75
+"""Exit code after a checkpoint requested by SIGTERM/SIGUSR1 (EX_TEMPFAIL): requeue me."""
+
+
+class RequeueExit(SystemExit):
+    """Raised after the checkpoint that a SIGTERM/SIGUSR1 asked for has been saved."""
+
+    def __init__(self):
+        super().__init__(EXIT_REQUEUE)
+
+
+class _StopSignal:
+    """Remembers SIGTERM / SIGUSR1 (what SLURM sends before a time limit)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        """Install the handlers (main thread only)."""
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -64,10 +98,15 @@ class Trainer:
         self._build_model()
         self._build_optimizer()
         self._build_data()
-        self.metrics = MetricsWriter(
-            cfg.run.path, enabled=is_main(), tensorboard=cfg.logging.tensorboard,
-            progress=cfg.logging.progress, total_steps=cfg.train.steps,
-        )
+        self.ckpt_root = ckpt.checkpoint_root(cfg.run.path)
+        self.async_queue = None
+        if cfg.checkpoint.enabled and _use_async_save(cfg):
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
+        self.metrics: MetricsWriter | None = None
+        self.stop = _StopSignal()
+        self.resumed: ckpt.Resumed | None = None
 
     # ------------------------------------------------------------------ building
 
@@ -207,8 +246,10 @@ class Trainer:
         for m in self.model:
             m.eval()
         total, tokens = 0.0, 0.0
+        # The same validation batches every time: comparable across steps and resumes.
+        valid_iters = self._iterators(self.valid_ds, 0)
         for _ in range(t.eval_iters):
-            losses = self._run_schedule(self._valid_iters, forward_only=True)
+            losses = self._run_schedule(valid_iters, forward_only=True)
             loss, n = self._global_loss(losses)
             total, tokens = total + loss * n, tokens + n
         for m in self.model:
@@ -224,12 +265,28 @@ class Trainer:
     def fit(self) -> dict:
         """Train for train.steps steps with logging and evaluation; returns final scalars."""
         cfg, t = self.cfg, self.cfg.train
+        self.resume()
+        start = self.step
         if is_main():
             save_config(cfg, cfg.run.path / "config.yaml")
+            if self.resumed is not None:
+                truncate_metrics(cfg.run.path / "metrics.jsonl", start)
+        self.metrics = MetricsWriter(
+            cfg.run.path, enabled=is_main(), tensorboard=cfg.logging.tensorboard,
+            progress=cfg.logging.progress, total_steps=t.steps,
+            purge_step=start + 1 if self.resumed is not None else None,
+        )
+        if self.resumed is not None:
+            r = self.resumed
+            self.metrics.info(
+                f"megasmoe: resumed from {r.path} at step {r.step} "
+                f"({r.consumed_samples} samples consumed"
+                f"{'' if r.same_layout else '; new parallel layout, RNG re-seeded'})"
+            )
         self._train_iters = self._iterators(self.train_ds, self.consumed_samples)
-        self._valid_iters = self._iterators(self.valid_ds, 0)
         for m in self.model:
             m.train()
+        self.stop.install()
         tokens_per_step = t.global_batch_size * t.seq_length
         self.metrics.info(
             f"megasmoe: training {cfg.run.name} for {t.steps} steps "
@@ -242,12 +299,13 @@ class Trainer:
         window_losses: list[float] = []
         last: dict = {}
         history: list[float] = []
-        while self.step < t.steps:
+        end = min(t.steps, t.exit_at_step) if t.exit_at_step else t.steps
+        while self.step < end:
             out = self.train_step()
             meter.add(tokens_per_step)
             window_losses.append(out["loss"])
             history.append(out["loss"])
-            if self.step % t.log_interval == 0 or self.step == t.steps:
+            if self.step % t.log_interval == 0 or self.step == end:
                 tps, step_time = meter.read()
                 scalars = {
                     "train/loss": sum(window_losses) / len(window_losses),
@@ -267,7 +325,7 @@ class Trainer:
                 )
                 window_losses = []
                 last.update(scalars)
-            if t.eval_interval and self.step % t.eval_interval == 0 or self.step == t.steps:
+            if t.eval_interval and self.step % t.eval_interval == 0 or self.step == end:
                 ev = self.evaluate()
                 self.metrics.log(self.step, ev)
                 self.metrics.info(
@@ -276,8 +334,52 @@ class Trainer:
                 )
                 last.update(ev)
                 meter.read()  # eval time is not training throughput
+            if self._stop_requested():
+                self.save()
+                self.finish_saves()
+                self.metrics.info(
+                    f"megasmoe: signal {self.stop.received or 'on another rank'}: saved step "
+                    f"{self.step}, exiting with code {EXIT_REQUEUE} (requeue)"
+                )
+                raise RequeueExit()
+            c = cfg.checkpoint
+            if c.enabled and c.interval and self.step % c.interval == 0 and self.step < end:
+                self.save()
+            if self.async_queue is not None:
+                self.async_queue.maybe_finalize_async_calls(blocking=False)
+        if cfg.checkpoint.enabled and self.step > start:
+            self.save()
+        self.finish_saves()
         last["losses"] = history
         return last
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def resume(self) -> None:
+        """Load the checkpoint to resume from, if any (checkpoint.resume / resume_step)."""
+        c = self.cfg.checkpoint
+        if not (c.resume or c.resume_step is not None):
+            return
+        path = ckpt.find_resume_checkpoint(self.ckpt_root, c.resume_step)
+        if path is not None:
+            self.resumed = ckpt.load_checkpoint(self, path)
+
+    def save(self) -> None:
+        """Checkpoint the current step (asynchronously on GPU when configured)."""
+        c = self.cfg.checkpoint
+        ckpt.save_checkpoint(self, self.ckpt_root, keep_last=c.keep_last,
+                             keep_every=c.keep_every, async_queue=self.async_queue)
+
+    def finish_saves(self) -> None:
+        """Wait for asynchronous saves to be written and published."""
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
+
+    def _stop_requested(self) -> bool:
+        """True on every rank if any rank got SIGTERM/SIGUSR1 (one tiny all-reduce)."""
+        flag = torch.tensor([1.0 if self.stop.received else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _moe_scalars(self, steps: int) -> dict:
         """Aux losses per MoE layer from megatron's tracker and router telemetry."""
@@ -296,8 +398,33 @@ class Trainer:
 
     def close(self) -> None:
         """Close outputs and free megatron's global state."""
-        self.metrics.close()
+        self.stop.restore()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.async_queue is not None:
+            self.async_queue.close()
         destroy_num_microbatches_calculator()
+
+
+def _use_async_save(cfg: Config) -> bool:
+    value = cfg.checkpoint.async_save
+    if value == "auto":
+        return torch.cuda.is_available()
+    return value in (True, "true")
+
+
+def truncate_metrics(path, step: int) -> None:
+    """Drop metrics.jsonl records after ``step`` (logged before a crash, redone on resume)."""
+    import json
+    import os
+
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _memory_gb() -> float:
@@ -331,10 +458,13 @@ def pretrain(cfg: Config) -> dict:
         result = trainer.fit()
         if is_main():
             run_dir = cfg.run.path.resolve()
+            latest = trainer.ckpt_root / "latest"
             trainer.metrics.info(
                 f"\nDone. Outputs in {run_dir}\n"
                 f"  config:      {run_dir / 'config.yaml'}\n"
                 f"  metrics:     {run_dir / 'metrics.jsonl'}\n"
+                + (f"  checkpoint:  {trainer.ckpt_root / latest.read_text().strip()}\n"
+                   if latest.exists() else "") +
                 f"  TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
             )
         return result

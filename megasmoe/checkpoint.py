@@ -1,0 +1,596 @@
+"""Distributed checkpoints: save, verify, resume (also on another parallel layout).
+
+Format: megatron-core ``dist_checkpointing`` (torch_dist, fully parallel save/load
+wrappers). Every tensor is stored with its global shape and offset, so a checkpoint
+saved at one TP/PP/EP/DP layout loads into any other; the distributed optimizer uses
+the ``fully_reshardable`` format for the same reason.
+
+Layout of ``<run dir>/checkpoints/``::
+
+    iter_0000100/            a complete checkpoint (megatron files + megasmoe.json)
+    iter_0000200/
+    latest                   "iter_0000200": written last, atomically (tmp, fsync, rename)
+
+A checkpoint is first written to ``iter_XXXXXXX.tmp``; after every rank finished, rank 0
+writes ``megasmoe.json`` (step, data position, config, versions, layout, and a manifest
+of every file with its size), fsyncs, renames the directory to its final name and only
+then moves ``latest``. A crash at any point leaves the previous checkpoint and
+``latest`` untouched. On resume a checkpoint whose manifest does not match the files
+on disk (truncated or missing files) is skipped in favour of the newest complete one,
+with a warning naming both.
+
+What is saved: model (router buffers such as the expert bias included), optimizer,
+LR scheduler, every rank's RNG states (Python, NumPy, torch CPU/CUDA and megatron's
+tracker streams), step and consumed samples (the data position), the resolved config,
+megasmoe and megatron-core versions. RNG states are restored only when the layout is
+unchanged; on a new layout they are re-seeded (dropout streams cannot map across
+layouts), which is logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "CheckpointError",
+    "SHARDING_METADATA",
+    "checkpoint_root",
+    "iteration_dir",
+    "list_checkpoints",
+    "verify_checkpoint",
+    "find_resume_checkpoint",
+    "read_meta",
+    "save_checkpoint",
+    "load_checkpoint",
+    "prune_checkpoints",
+    "MODEL_SHAPE_FIELDS",
+]
+
+# Keys of chained (dense + expert) optimizers must not depend on the layout, and the
+# distributed optimizer must be stored in a layout-independent ("canonical") form.
+SHARDING_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "chained_optim_avoid_prefix": True,
+}
+META_FILE = "megasmoe.json"
+LATEST = "latest"
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+# Fields whose change makes a checkpoint incompatible with the model being built.
+MODEL_SHAPE_FIELDS = (
+    "model.num_layers", "model.hidden_size", "model.num_heads", "model.num_query_groups",
+    "model.ffn_hidden_size", "model.vocab_size", "model.share_embeddings",
+    "moe.num_experts", "moe.ffn_hidden_size", "moe.layer_freq", "moe.shared_expert_size",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names it and the fix."""
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    """``<run dir>/checkpoints``."""
+    return Path(run_dir) / "checkpoints"
+
+
+def iteration_dir(root: Path, step: int) -> Path:
+    """``<root>/iter_0000100`` for step 100."""
+    return Path(root) / f"iter_{step:07d}"
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of final-named checkpoint directories, oldest first (not verified)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _ITER_RE.match(child.name)
+        if m and child.is_dir():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def read_meta(ckpt_dir: Path) -> dict:
+    """The megasmoe.json of a checkpoint (CheckpointError if absent or unreadable)."""
+    path = Path(ckpt_dir) / META_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt_dir}: no readable {META_FILE} ({e}); not a complete "
+                              f"megasmoe checkpoint") from None
+
+
+def _manifest(ckpt_dir: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(ckpt_dir)): p.stat().st_size
+        for p in sorted(Path(ckpt_dir).rglob("*"))
+        if p.is_file() and p.name != META_FILE
+    }
+
+
+def verify_checkpoint(ckpt_dir: Path) -> Optional[str]:
+    """None if complete, else the reason (missing meta, missing or truncated file)."""
+    try:
+        meta = read_meta(ckpt_dir)
+    except CheckpointError as e:
+        return str(e)
+    for rel, size in meta.get("manifest", {}).items():
+        path = Path(ckpt_dir) / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, expected {size} (truncated)"
+    return None
+
+
+def _read_latest(root: Path) -> Optional[Path]:
+    try:
+        name = (Path(root) / LATEST).read_text().strip()
+    except OSError:
+        return None
+    return Path(root) / name if _ITER_RE.match(name) else None
+
+
+def find_resume_checkpoint(root: Path, step: Optional[int] = None) -> Optional[Path]:
+    """The checkpoint to resume from: ``step`` if given, else ``latest``, verified.
+
+    A named or latest checkpoint that fails verification is skipped for the newest
+    complete older one, with a warning naming both. None when there is nothing to resume.
+    """
+    root = Path(root)
+    candidates = list_checkpoints(root)
+    if step is not None:
+        wanted = iteration_dir(root, step)
+        problem = verify_checkpoint(wanted) if wanted.is_dir() else f"{wanted} does not exist"
+        if problem:
+            raise CheckpointError(f"checkpoint.resume_step={step}: {problem}; pick a step from "
+                                  f"{[s for s, _ in candidates]}")
+        return wanted
+    latest = _read_latest(root)
+    if latest is None and not candidates:
+        return None
+    newest_first = sorted(candidates, reverse=True)
+    if latest is not None:
+        # Never resume past the marker: a newer directory without marker is unfinished.
+        newest_first = [(s, d) for s, d in newest_first if d.name <= latest.name]
+    for s, d in newest_first:
+        problem = verify_checkpoint(d)
+        if problem is None:
+            if latest is not None and d != latest:
+                warnings.warn(f"megasmoe: checkpoint {latest} is incomplete or corrupt; "
+                              f"resuming from {d} instead", stacklevel=2)
+            return d
+        warnings.warn(f"megasmoe: skipping checkpoint {d}: {problem}", stacklevel=2)
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------------------- state
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch_cpu": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch_cpu"])
+    if torch.cuda.is_available() and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def layout_of(cfg) -> dict:
+    """The parallel layout a checkpoint was written with."""
+    p = cfg.parallel
+    return {"world_size": p.world_size, "tp": p.tp, "pp": p.pp, "vpp": p.vpp, "ep": p.ep,
+            "etp": p.etp, "cp": p.cp, "dp": p.dp,
+            "distributed_optimizer": cfg.train.distributed_optimizer}
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"
+
+
+def build_sharded_state_dict(trainer, is_loading: bool, with_rng: bool = True) -> dict:
+    """The state dict handed to dist_checkpointing (model, optimizer, scheduler, RNG)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    chunks = trainer.unwrapped
+    state: dict = {}
+    model_sd: dict = {}
+    for i, chunk in enumerate(chunks):
+        sd = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
+        state[_model_key(i, len(chunks))] = sd
+        model_sd.update(sd)
+    if is_loading:
+        _prepare_optimizer_for_loading(trainer.optimizer)
+    state["optimizer"] = trainer.optimizer.sharded_state_dict(
+        model_sd, is_loading=is_loading, metadata=SHARDING_METADATA
+    )
+    state["scheduler"] = trainer.scheduler.state_dict()
+    if with_rng:
+        state["rng"] = ShardedObject("rng_state", _rng_state(), (dist.get_world_size(),),
+                                     (dist.get_rank(),), replica_id=0)
+    return state
+
+
+def _prepare_optimizer_for_loading(optimizer) -> None:
+    """Give a fresh optimizer the state layout a checkpoint will fill in.
+
+    megatron-core 0.16.1's distributed optimizer asserts one 'step' value across its
+    parameter states, which a fresh optimizer does not have yet; create zero Adam
+    states (exp_avg, exp_avg_sq, step) exactly like the first step would.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        opt.init_state_fn(inner, getattr(opt, "config", None))
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if "step" not in st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+
+
+def _strategies(trainer):
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+        FullyParallelSaveStrategyWrapper,
+    )
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        TorchDistLoadShardedStrategy,
+        TorchDistSaveShardedStrategy,
+    )
+
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    save = FullyParallelSaveStrategyWrapper(TorchDistSaveShardedStrategy("torch_dist", 1), group)
+    load = FullyParallelLoadStrategyWrapper(TorchDistLoadShardedStrategy(), group)
+    return save, load
+
+
+def _versions() -> dict:
+    import megatron.core
+
+    import megasmoe
+
+    return {"megasmoe": megasmoe.__version__,
+            "megatron_core": getattr(megatron.core, "__version__", "unknown"),
+            "torch": torch.__version__}
+
+
+def save_checkpoint(trainer, root: Path, keep_last: int, keep_every: int = 0,
+                    async_queue=None) -> Path:
+    """Save the trainer's state at its current step; returns the final directory.
+
+    Collective: every rank calls it. With ``async_queue`` (a megatron-core
+    AsyncCallsQueue) the tensors are written in the background and the checkpoint is
+    finalised (meta, rename, ``latest``) when the queue finalises the request; the
+    caller must call ``async_queue.maybe_finalize_async_calls`` regularly and with
+    blocking=True before exiting.
+    """
+    from megatron.core import dist_checkpointing
+
+    from megasmoe.config import to_dict
+
+    root = Path(root)
+    step = trainer.step
+    final = iteration_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a previous crash mid-save
+        tmp.mkdir()
+    dist.barrier()
+    save_strategy, _ = _strategies(trainer)
+    state = build_sharded_state_dict(trainer, is_loading=False)
+    state["progress"] = {"step": step, "consumed_samples": trainer.consumed_samples}
+    meta = {
+        "step": step,
+        "consumed_samples": trainer.consumed_samples,
+        "config": to_dict(trainer.cfg),
+        "layout": layout_of(trainer.cfg),
+        "versions": _versions(),
+        "permanent": bool(keep_every and step % keep_every == 0),
+    }
+
+    def finalize() -> None:
+        if dist.get_rank() == 0:
+            _publish(tmp, final, root, meta, keep_last)
+
+    request = dist_checkpointing.save(state, str(tmp), sharded_strategy=save_strategy,
+                                      async_sharded_save=async_queue is not None)
+    if async_queue is not None:
+        request.add_finalize_fn(finalize)
+        async_queue.schedule_async_request(request)
+        return final
+    dist.barrier()
+    finalize()
+    dist.barrier()
+    return final
+
+
+def _publish(tmp: Path, final: Path, root: Path, meta: dict, keep_last: int) -> None:
+    """Rank 0, after every rank wrote: manifest + meta, rename, move ``latest``, prune."""
+    _fsync_tree(tmp)
+    meta = {**meta, "manifest": _manifest(tmp)}
+    _atomic_write(tmp / META_FILE, json.dumps(meta, indent=1, default=str))
+    if final.exists():  # re-saving the same step (e.g. a signal right after a save)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync_dir(root)
+    _atomic_write(root / LATEST, final.name)
+    prune_checkpoints(root, keep_last)
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints, sparing permanent ones.
+
+    A checkpoint is permanent when its megasmoe.json says so (checkpoint.keep_every) or
+    when a file named KEEP is put in its directory. ``latest`` is never deleted.
+    """
+    if keep_last <= 0:
+        return []
+    found = list_checkpoints(root)
+    latest = _read_latest(root)
+    removed = []
+    for step, d in found[:-keep_last]:
+        if d == latest or (d / "KEEP").exists():
+            continue
+        try:
+            if read_meta(d).get("permanent"):
+                continue
+        except CheckpointError:
+            pass
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+@dataclass
+class Resumed:
+    """What a load restored."""
+
+    path: Path
+    step: int
+    consumed_samples: int
+    same_layout: bool
+
+
+def check_compatible(meta: dict, cfg, ckpt_dir: Path) -> None:
+    """Refuse a checkpoint whose model shape differs, naming the differing fields."""
+    from megasmoe.config import to_dict
+
+    saved, now = meta["config"], to_dict(cfg)
+    diffs = []
+    for dotted in MODEL_SHAPE_FIELDS:
+        section, name = dotted.split(".")
+        a, b = saved.get(section, {}).get(name), now[section][name]
+        if a != b:
+            diffs.append(f"{dotted} {a!r} -> {b!r}")
+    saved_dist = meta.get("layout", {}).get("distributed_optimizer")
+    if saved_dist is not None and saved_dist != cfg.train.distributed_optimizer:
+        # The plain optimizer stores no fp32 main parameters; the distributed one needs them.
+        raise CheckpointError(
+            f"{ckpt_dir} was written with train.distributed_optimizer={str(saved_dist).lower()}; "
+            f"resume with the same value (switching optimizer type is not supported)"
+        )
+    if diffs:
+        raise CheckpointError(
+            f"{ckpt_dir} holds a different model shape ({'; '.join(diffs)}); resume with the "
+            f"checkpoint's values or start a new run.dir"
+        )
+
+
+def load_checkpoint(trainer, ckpt_dir: Path) -> Resumed:
+    """Load a checkpoint into the trainer (any layout). Collective."""
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    check_compatible(meta, trainer.cfg, ckpt_dir)
+    same_layout = meta["layout"] == layout_of(trainer.cfg)
+    _, load_strategy = _strategies(trainer)
+    state = build_sharded_state_dict(trainer, is_loading=True, with_rng=same_layout)
+    loaded = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=load_strategy)
+    chunks = trainer.unwrapped
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)
+    trainer.optimizer.load_state_dict(loaded["optimizer"])
+    trainer.scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng"])
+    progress = loaded["progress"]
+    trainer.step = int(progress["step"])
+    trainer.consumed_samples = int(progress["consumed_samples"])
+    return Resumed(ckpt_dir, trainer.step, trainer.consumed_samples, same_layout)
+
+
+# ---------------------------------------------------------------------------- inspect
+
+
+def resolve_checkpoint_path(path: Path) -> Path:
+    """A checkpoint dir from a run dir, a checkpoints dir or an iteration dir."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    for root in (path, checkpoint_root(path)):
+        if (root / LATEST).exists() or list_checkpoints(root):
+            found = find_resume_checkpoint(root)
+            if found is not None:
+                return found
+    raise CheckpointError(f"{path}: no complete megasmoe checkpoint found (looked for "
+                          f"{META_FILE}, checkpoints/latest, iter_* directories)")
+
+
+def expert_layout_problems(ckpt_dir: Path) -> list[str]:
+    """Expert tensors whose stored chunks overlap, leave holes or repeat an expert id.
+
+    Reads only torch_dist metadata: each expert tensor's chunks must tile its global
+    shape exactly once, so every global expert id is stored once and only once.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(ckpt_dir)).read_metadata()
+    problems = []
+    for key, item in meta.state_dict_metadata.items():
+        if ".experts." not in key or "_extra_state" in key or not hasattr(item, "chunks"):
+            continue
+        total = 1
+        for n in item.size:
+            total *= n
+        seen = set()
+        covered = 0
+        for chunk in item.chunks:
+            ident = (tuple(chunk.offsets), tuple(chunk.sizes))
+            if ident in seen:
+                problems.append(f"{key}: chunk at {list(chunk.offsets)} stored twice")
+            seen.add(ident)
+            vol = 1
+            for n in chunk.sizes:
+                vol *= n
+            covered += vol
+        if covered != total:
+            problems.append(f"{key}: chunks cover {covered} of {total} elements "
+                            f"({'overlap' if covered > total else 'missing experts'})")
+    return problems
+
+
+def _ensure_single_process_group() -> bool:
+    if dist.is_initialized():
+        return False
+    import tempfile
+
+    init = Path(tempfile.mkdtemp()) / "pg"
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
+    return True
+
+
+def load_full_tensors(ckpt_dir: Path) -> dict:
+    """Every tensor of a checkpoint, unsharded, on this one process (CPU)."""
+    from megatron.core import dist_checkpointing
+
+    from megasmoe import platform
+
+    platform.activate()
+    started = _ensure_single_process_group()
+    try:
+        return dist_checkpointing.load_plain_tensors(str(ckpt_dir))
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def inspect_checkpoint(path: Path, check_values: bool = True) -> dict:
+    """Summary and integrity report of a checkpoint (see ``megasmoe checkpoint inspect``).
+
+    Returns {"path", "meta", "tensors": {key: (shape, dtype)}, "problems": [...]}.
+    Problems: incomplete files, an expert stored twice or missing, NaN/Inf values.
+    """
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = resolve_checkpoint_path(path)
+    problems = []
+    incomplete = verify_checkpoint(ckpt_dir)
+    if incomplete:
+        problems.append(incomplete)
+    meta = read_meta(ckpt_dir)
+    problems += expert_layout_problems(ckpt_dir)
+    tensors = {}
+    for key, sh in dist_checkpointing.load_tensors_metadata(str(ckpt_dir)).items():
+        tensors[key] = (tuple(sh.global_shape), str(sh.dtype).replace("torch.", ""))
+    if check_values:
+        for key, value in _flatten(load_full_tensors(ckpt_dir)):
+            if torch.is_tensor(value) and value.is_floating_point():
+                bad = (~torch.isfinite(value)).sum().item()
+                if bad:
+                    problems.append(f"{key}: {bad} NaN/Inf values")
+    return {"path": ckpt_dir, "meta": meta, "tensors": tensors, "problems": problems}
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _flatten(v, f"{prefix}{k}.")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _flatten(v, f"{prefix}{i}.")
+    else:
+        yield prefix.rstrip("."), tree
+
+
+def format_inspection(report: dict, all_tensors: bool = False) -> str:
+    """The human-readable text of ``inspect_checkpoint``."""
+    meta, cfg = report["meta"], report["meta"]["config"]
+    m, e, lay = cfg["model"], cfg["moe"], meta["layout"]
+    lines = [
+        f"checkpoint {report['path']}",
+        f"  step {meta['step']}, consumed samples {meta['consumed_samples']}",
+        f"  versions {meta['versions']}",
+        f"  layout tp={lay['tp']} pp={lay['pp']} ep={lay['ep']} dp={lay['dp']} "
+        f"world={lay['world_size']} distributed_optimizer={lay['distributed_optimizer']}",
+        f"  model layers={m['num_layers']} hidden={m['hidden_size']} heads={m['num_heads']} "
+        f"vocab={m['vocab_size']}; moe experts={e['num_experts']} topk={e['topk']} "
+        f"router={e['router']['name']}",
+        "  tensors (global shapes):",
+    ]
+    for key, (shape, dtype) in sorted(report["tensors"].items()):
+        if all_tensors or not key.startswith("optimizer."):
+            lines.append(f"    {key}: {list(shape)} {dtype}")
+    if report["problems"]:
+        lines.append("PROBLEMS:")
+        lines += [f"  - {p}" for p in report["problems"]]
+    else:
+        lines.append("ok: files complete, every expert stored once, no NaN/Inf")
+    return "\n".join(lines)
