@@ -28,6 +28,7 @@ def _quiet_megatron() -> None:
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     warnings.filterwarnings("ignore", message=".*apex.*", category=UserWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(megatron|torch)\.")
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor. is deprecated.*")
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor. is deprecated.*")
 

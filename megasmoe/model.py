@@ -189,6 +189,10 @@ def build_model_chunks(cfg: Config, tc: TransformerConfig) -> list[GPTModel]:
             vp_stage=vp_stage,
         )
         mark_expert_params(model)
+        for module in model.modules():
+            # Routers that read expert weights (spectral) or hook the layer get it here.
+            if isinstance(module, MoELayer):
+                module.router.bind_moe_layer(module)
         chunks.append(model)
     return chunks
 
@@ -233,21 +237,28 @@ def layout_invariant_init(chunks: list, seed: int, std: float, num_layers: int) 
     seeded by (seed, checkpoint key, expert/GLU index) over its global per-key shape,
     and each rank keeps its slice: every layout starts from the same model.
     Output projections get std / sqrt(2 num_layers), like megatron's scaled init.
+    A parameter with a ``megasmoe_init`` attribute (routers) uses that init instead,
+    whatever its rank. Values are drawn on CPU (same numbers on every device).
     """
     out_std = std / (2.0 * num_layers) ** 0.5
     for chunk in chunks:
         for sh in _sharded_tensors(chunk.sharded_state_dict()):
             data = sh.data
-            if data is None or data.dim() < 2 or not data.is_floating_point():
+            custom = getattr(data, "megasmoe_init", None)
+            if data is None or not data.is_floating_point() or (data.dim() < 2 and not custom):
                 continue
             pre = sh.prepend_axis_num
             ident = f"{sh.key}|{sh.global_offset[:pre]}"
-            gen = torch.Generator(device=data.device)
+            gen = torch.Generator()
             gen.manual_seed((seed * 1_000_003 + zlib.crc32(ident.encode())) % (2**63))
-            full = torch.randn(sh.global_shape[pre:], generator=gen, device=data.device,
-                               dtype=torch.float32)
-            scale = out_std if sh.key.endswith(_OUTPUT_PROJECTIONS) else std
+            shape = tuple(sh.global_shape[pre:])
+            if custom is not None:
+                # The authors' init of a router parameter (orthogonal, Linear default...).
+                full = custom(shape, gen).float()
+            else:
+                scale = out_std if sh.key.endswith(_OUTPUT_PROJECTIONS) else std
+                full = torch.randn(shape, generator=gen, dtype=torch.float32) * scale
             index = tuple(
                 slice(o, o + n) for o, n in zip(sh.global_offset[pre:], sh.local_shape)
             )
-            data.copy_((full[index] * scale).reshape(data.shape).to(data.dtype))
+            data.copy_(full[index].reshape(data.shape).to(device=data.device, dtype=data.dtype))

@@ -14,7 +14,13 @@ from megasmoe.routers.registry import (
     router_spec,
 )
 
-from megasmoe.routers import topk  # noqa: E402,F401  (registers "topk")
+# Importing a module registers its routers.
+from megasmoe.routers import topk  # noqa: E402,F401
+from megasmoe.routers import baselines  # noqa: E402,F401
+from megasmoe.routers import domain_steer  # noqa: E402,F401
+from megasmoe.routers import hyper  # noqa: E402,F401
+from megasmoe.routers import spectral  # noqa: E402,F401
+from megasmoe.routers import unified  # noqa: E402,F401
 
 __all__ = ["register_router", "registered_routers", "router_config_for", "router_entry",
            "router_spec"]

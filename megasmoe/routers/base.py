@@ -3,20 +3,48 @@
 Routers plug into megatron-core through ``MoESubmodules.router``: the layer calls
 ``router(config=TransformerConfig, pg_collection=...)`` and then
 ``router(hidden [S/TP, B, H], padding_mask) -> (probs [T, E] float, routing_map [T, E] bool)``.
-A megasmoe router subclasses ``MegasmoeRouter``, keeps its math in plain tensor
-functions in its own module, and takes its own config dataclass as ``router_config``.
-Routers that need expert outputs (a later issue) hook the layer, not this interface.
+
+Two bases:
+
+- ``MegasmoeRouter``: megatron-core's TopKRouter (its routing, aux losses, z-loss,
+  expert bias) with a device-safe ``gating`` and telemetry. ``topk``,
+  ``sigmoid_bias`` and ``domain_steer`` use it as is.
+- ``SpecRouter``: for routers whose gate and selection follow a paper instead of
+  megatron's ``topk_routing_with_score_function``: subclasses implement ``route``
+  with the plain functions of ``routers/functional.py``; the base attaches the
+  paper's balance loss through megatron's aux-loss machinery (so logging, loss
+  scaling and per-token normalisation are megatron's).
+
+Hooks the rest of megasmoe calls without knowing the router: ``on_train_step(step,
+total_steps)`` before every optimizer step (schedules), ``bind_moe_layer(layer)`` once
+after the model is built (routers that read expert weights). Routers that need
+expert outputs inside the layer (CompeteSMoE, SimSMoE, VQMoE, S2MoE: a later issue)
+hook the MoE layer through ``bind_moe_layer`` as well.
+
+Every router parameter is marked ``sequence_parallel`` when sequence parallelism is
+on, so ``finalize_model_grads`` sums its gradient over the tensor-parallel ranks (each
+sees only its slice of the sequence). Parameters may carry ``megasmoe_init``
+(a ``fn(shape, generator) -> tensor``) to keep the authors' initialisation under
+``model.layout_invariant_init``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+from megatron.core.transformer.moe.moe_utils import (
+    apply_random_logits,
+    get_tokens_per_expert_and_token_count,
+)
 from megatron.core.transformer.moe.router import TopKRouter
 
-__all__ = ["MegasmoeRouter", "RouterConfigBase", "router_logits"]
+from megasmoe.routers import functional as RF
+
+__all__ = ["MegasmoeRouter", "SpecRouter", "RouterConfigBase", "router_logits",
+           "uniform_fan_in_init", "orthogonal_init", "normal_init"]
 
 
 @dataclass
@@ -40,26 +68,62 @@ def router_logits(
     return torch.nn.functional.linear(x.to(dtype), w, b)
 
 
+def uniform_fan_in_init(shape, generator) -> torch.Tensor:
+    """torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (fan_in = last dim
+    of the weight; for a bias pass the weight's fan_in via functools.partial)."""
+    fan_in = shape[-1]
+    bound = 1.0 / math.sqrt(fan_in)
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
+def orthogonal_init(gain: float) -> Callable:
+    """An orthogonal init with ``gain`` (XMoE / StableMoE expert embeddings)."""
+
+    def init(shape, generator) -> torch.Tensor:
+        a = torch.randn(shape, generator=generator)
+        rows, cols = shape
+        flat = a if rows >= cols else a.t()
+        q, r = torch.linalg.qr(flat)
+        q = q * torch.sign(torch.diagonal(r))
+        q = q if rows >= cols else q.t()
+        return gain * q
+
+    return init
+
+
+def normal_init(std: float) -> Callable:
+    """N(0, std^2)."""
+    return lambda shape, generator: torch.randn(shape, generator=generator) * std
+
+
 class MegasmoeRouter(TopKRouter):
-    """TopKRouter with a device-safe gating and per-expert load telemetry.
+    """TopKRouter with a device-safe gating and telemetry (load per expert, entropy).
 
     ``gating`` is overridden because megatron-core 0.16.1's ``Router.gating`` moves the
     weight to the CUDA device and, without Transformer Engine, its
-    ``router_gating_linear`` raises NameError. Telemetry (tokens per expert since the
-    last read) is kept in a non-persistent buffer read by ``megasmoe.training.metrics``.
+    ``router_gating_linear`` raises NameError. Telemetry (tokens per expert, sum of
+    per-token entropies of the router distribution, token count; since the last read)
+    lives in non-persistent buffers read by ``megasmoe.training.telemetry``.
     """
 
     registry_name = "base"
     config_cls = RouterConfigBase
+    variable_experts_per_token = False
+    """True for routers that give a token a variable number of experts (USMoE)."""
 
     def __init__(self, config, pg_collection=None, router_config=None, **kwargs):
         super().__init__(config=config, pg_collection=pg_collection)
         self.router_config = router_config if router_config is not None else self.config_cls()
-        self.register_buffer(
-            "telemetry_tokens_per_expert",
-            torch.zeros(self.config.num_moe_experts, dtype=torch.float64),
-            persistent=False,
-        )
+        E = self.config.num_moe_experts
+        self.register_buffer("telemetry_tokens_per_expert", torch.zeros(E, dtype=torch.float64),
+                             persistent=False)
+        self.register_buffer("telemetry_entropy", torch.zeros(2, dtype=torch.float64),
+                             persistent=False)
+
+    def mark_sequence_parallel(self) -> None:
+        """Mark every parameter so finalize_model_grads reduces its gradient over TP."""
+        for p in self.parameters():
+            setattr(p, "sequence_parallel", self.config.sequence_parallel)
 
     @property
     def routing_dtype(self) -> torch.dtype:
@@ -71,10 +135,30 @@ class MegasmoeRouter(TopKRouter):
         return router_logits(input, self.weight, self.bias, self.routing_dtype)
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        """Route ``input`` [S, B, H]; returns (probs [S*B, E], routing_map [S*B, E])."""
-        probs, routing_map = super().forward(input, padding_mask=padding_mask)
+        """Route ``input`` [S, B, H]; returns (probs [S*B, E], routing_map [S*B, E]).
+
+        Same steps as TopKRouter.forward (expert-bias upkeep, jitter, gating, forced
+        balancing, routing) plus telemetry.
+        """
+        self._maintain_float32_expert_bias()
+        input = self.apply_input_jitter(input)
+        logits = self.gating(input)
+        if self.config.moe_router_force_load_balancing:
+            logits = apply_random_logits(logits)
+        self.record_entropy(logits, padding_mask)
+        probs, routing_map = self.routing(logits, padding_mask=padding_mask)
         self.record_load(routing_map, padding_mask)
         return probs, routing_map
+
+    # ---------------------------------------------------------------- hooks
+
+    def on_train_step(self, step: int, total_steps: int) -> None:
+        """Called before optimizer step ``step`` (0-based) of ``total_steps``."""
+
+    def bind_moe_layer(self, layer) -> None:
+        """Called once with the MoELayer that owns this router, after the model is built."""
+
+    # ---------------------------------------------------------------- telemetry
 
     @torch.no_grad()
     def record_load(self, routing_map: torch.Tensor, padding_mask: Optional[torch.Tensor]):
@@ -82,6 +166,59 @@ class MegasmoeRouter(TopKRouter):
         if padding_mask is not None:
             routing_map = routing_map & ~padding_mask.reshape(-1, 1)
         buf = self.telemetry_tokens_per_expert
-        if buf.device != routing_map.device:
-            self.telemetry_tokens_per_expert = buf = buf.to(routing_map.device)
-        buf += routing_map.sum(dim=0).to(buf.dtype)
+        buf += routing_map.sum(dim=0).to(buf)
+
+    @torch.no_grad()
+    def record_entropy(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
+        """Add the entropy of softmax(logits) of each (non-padding) token."""
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        ent = -(logp.exp() * logp).sum(-1)
+        if padding_mask is not None:
+            ent = ent[~padding_mask.reshape(-1)]
+        self.telemetry_entropy += torch.stack([ent.sum(), torch.tensor(float(ent.numel()))]).to(
+            self.telemetry_entropy)
+
+
+class SpecRouter(MegasmoeRouter):
+    """A router whose selection follows its paper: subclasses implement ``route``.
+
+    ``route(logits [T, E], padding_mask [T] or None) -> (probs, routing_map, scores)``
+    where ``scores`` [T, E] are what the paper's balance loss balances (None: no loss).
+    The balance loss is L_bal = E sum_e f_e P_e (routers.md), with f from the token
+    counts reduced over the tensor/context-parallel group, scaled by moe.aux_loss_coeff
+    and only when moe.aux_loss_type is aux_loss.
+    """
+
+    def route(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
+        """The paper's routing; see the class docstring."""
+        raise NotImplementedError
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """Flatten, z-loss, ``route``, balance loss (training only)."""
+        logits = logits.reshape(-1, self.config.num_moe_experts)
+        if padding_mask is not None:
+            padding_mask = padding_mask.reshape(-1)
+        logits = self.apply_z_loss(logits, padding_mask=padding_mask)
+        probs, routing_map, scores = self.route(logits, padding_mask)
+        coeff = self.get_aux_loss_coeff("aux_loss")
+        if scores is not None and coeff > 0 and self.training and torch.is_grad_enabled():
+            probs = self._attach_balance_loss(probs, scores, routing_map, padding_mask, coeff)
+        return probs, routing_map
+
+    def _attach_balance_loss(self, probs, scores, routing_map, padding_mask, coeff):
+        if padding_mask is not None:
+            valid = (~padding_mask).unsqueeze(-1)
+            scores = scores * valid
+            routing_map = routing_map & valid
+        counts, local_tokens, total_tokens = get_tokens_per_expert_and_token_count(
+            routing_map=routing_map, reduce_group=self.tp_cp_group, topk=self.topk,
+            with_padding_mask=padding_mask is not None,
+        )
+        aux = coeff * RF.balance_loss(scores, routing_map, self.topk,
+                                      global_counts=counts.to(scores.dtype),
+                                      global_tokens=total_tokens)
+        return self.attach_and_log_load_balancing_loss(
+            probs, coeff, aux, "load_balancing_loss", self.tp_cp_group,
+            valid_token_count=local_tokens,
+        )

@@ -47,3 +47,7 @@ class TopKConfig(RouterConfigBase):
 @register_router("topk", TopKConfig)
 class TopKSoftmaxRouter(MegasmoeRouter):
     """Softmax top-k router with megatron-core's aux losses (the SMoE baseline)."""
+
+    def __init__(self, config, pg_collection=None, router_config=None, **kwargs):
+        super().__init__(config, pg_collection, router_config, **kwargs)
+        self.mark_sequence_parallel()

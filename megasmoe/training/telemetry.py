@@ -1,4 +1,4 @@
-"""Router telemetry: tokens per expert per layer, max/mean load, load entropy.
+"""Router telemetry: tokens per expert per layer, max/mean load, load and router entropy.
 
 Every ``MegasmoeRouter`` counts the tokens it routes to each expert into a buffer;
 ``collect`` sums those counts over all ranks (each rank routes a disjoint set of tokens:
@@ -36,26 +36,43 @@ def load_matrix(chunks, num_layers: int, num_experts: int, device) -> torch.Tens
     return counts
 
 
+def entropy_matrix(chunks, num_layers: int, device) -> torch.Tensor:
+    """[num_layers, 2]: (sum of per-token router entropies, tokens), summed globally."""
+    acc = torch.zeros(num_layers, 2, dtype=torch.float64, device=device)
+    for r in routers(chunks):
+        acc[r.layer_number - 1] += r.telemetry_entropy.to(device)
+    if dist.is_initialized():
+        dist.all_reduce(acc)
+    return acc
+
+
 def reset(chunks) -> None:
-    """Zero every router's token counters."""
+    """Zero every router's telemetry counters."""
     for r in routers(chunks):
         r.telemetry_tokens_per_expert.zero_()
+        r.telemetry_entropy.zero_()
 
 
 def collect(chunks, cfg) -> dict:
-    """Scalars per MoE layer (load max/mean, load entropy, dead experts), then reset."""
+    """Scalars per MoE layer, then reset: router/entropy (mean per-token entropy of the
+    router's softmax over all experts, nats), router/max_over_mean_load, router/load_entropy
+    (entropy of the load distribution / ln E), router/dead_experts (no token routed)."""
     from megasmoe import platform
 
-    counts = load_matrix(chunks, cfg.model.num_layers, cfg.moe.num_experts, platform.device())
+    device = platform.device()
+    counts = load_matrix(chunks, cfg.model.num_layers, cfg.moe.num_experts, device)
+    router_entropy = entropy_matrix(chunks, cfg.model.num_layers, device)
     reset(chunks)
     out = {}
     for layer, row in enumerate(counts):
         total = row.sum().item()
         if total == 0:
             continue
+        ent_sum, ent_tokens = router_entropy[layer].tolist()
+        out[f"router/entropy/layer_{layer}"] = ent_sum / max(ent_tokens, 1.0)
         share = row / total
-        entropy = -(share[share > 0] * share[share > 0].log()).sum().item()
+        load_entropy = -(share[share > 0] * share[share > 0].log()).sum().item()
         out[f"router/max_over_mean_load/layer_{layer}"] = (row.max() / row.mean()).item()
-        out[f"router/load_entropy/layer_{layer}"] = entropy / math.log(len(row))
+        out[f"router/load_entropy/layer_{layer}"] = load_entropy / math.log(len(row))
         out[f"router/dead_experts/layer_{layer}"] = float((row == 0).sum().item())
     return out

@@ -132,6 +132,7 @@ class Trainer:
             for i, c in enumerate(chunks)
         ]
         self.unwrapped = chunks
+        self.routers = telemetry.routers(chunks)
 
     def _build_optimizer(self) -> None:
         cfg, tc, t = self.cfg, self.tc, self.cfg.train
@@ -229,6 +230,8 @@ class Trainer:
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
+        for router in self.routers:
+            router.on_train_step(self.step, self.cfg.train.steps)
         losses = self._run_schedule(self._train_iters, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         self.step += 1

@@ -1,0 +1,115 @@
+"""``unified``: USMoE unified score with cross-token top-k (giangdip2410/USMoE).
+
+l = W_r x; s = (1 - alpha) softmax_e(l) + alpha (2 / E) sigmoid(l) (alpha = 0.5). Within
+a group of N tokens the N k largest (token, expert) pairs of s are kept: a token gets a
+variable number of experts (0..E), an expert a variable number of tokens; the output is
+y_t = sum_e M_te s_te Expert_e(x_t) (no renormalisation). Training-free use: put this
+router on a model trained with ``topk`` (same ``router.weight``).
+
+Groups (``moe.router.group``) and what they leak:
+- ``sequence`` (authors' HF models): the N tokens of one sequence. Token t's experts
+  depend on later tokens of its sequence: training sees the future, autoregressive
+  decoding cannot reproduce it.
+- ``micro_batch``: all tokens of the micro batch. Leaks across tokens and sequences,
+  and routing depends on batch composition (and so on micro_batch_size).
+- ``causal``: token t keeps its pairs among the (t + 1) k largest of the prefix 0..t.
+  No leakage: identical in training and decoding. Cost O(S^2 E) per sequence.
+
+Under sequence parallelism the scores (not their gradients) are all-gathered over the
+tensor-parallel group so the groups see whole sequences; each rank keeps its slice.
+
+Dispatchers: the allgather dispatcher sizes its buffers from the routing map and takes a
+variable number of experts per token. The alltoall and flex dispatchers (dropless)
+assume exactly moe.topk per token and are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megasmoe.config import ConfigError
+from megasmoe.routers import functional as RF
+from megasmoe.routers.base import RouterConfigBase, SpecRouter
+from megasmoe.routers.registry import register_router
+
+__all__ = ["UnifiedConfig", "UnifiedRouter"]
+
+GROUPS = ("sequence", "micro_batch", "causal")
+
+
+@dataclass
+class UnifiedConfig(RouterConfigBase):
+    """Fields of the ``unified`` router (authors' defaults)."""
+
+    alpha: float = 0.5
+    """Weight of the sigmoid term in the unified score."""
+    group: str = "sequence"
+    """Token group of the cross-token top-k: sequence, micro_batch or causal."""
+
+    def validate(self, cfg) -> None:
+        if self.group not in GROUPS:
+            raise ConfigError(f"moe.router.group='{self.group}' is unknown; use "
+                              f"{', '.join(GROUPS)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"moe.router.alpha={self.alpha} must be in [0, 1]")
+        if cfg.moe.dispatcher != "allgather":
+            raise ConfigError(
+                f"moe.router.name=unified gives a variable number of experts per token, which "
+                f"the {cfg.moe.dispatcher} dispatcher (dropless, exactly moe.topk per token) "
+                f"cannot take; set moe.dispatcher=allgather")
+        if cfg.parallel.cp > 1:
+            raise ConfigError("moe.router.name=unified needs whole sequences on a rank; "
+                              "set parallel.cp=1")
+
+
+@register_router("unified", UnifiedConfig)
+class UnifiedRouter(SpecRouter):
+    """USMoE: unified softmax/sigmoid score, top N k (token, expert) pairs per group."""
+
+    variable_experts_per_token = True
+
+    def __init__(self, config, pg_collection=None, router_config=None, **kwargs):
+        super().__init__(config, pg_collection, router_config, **kwargs)
+        self.mark_sequence_parallel()
+        self._shape = None
+
+    def routing(self, logits, padding_mask=None):
+        self._shape = logits.shape[:2]  # [S_local, B]: the groups need the layout
+        return super().routing(logits, padding_mask)
+
+    def route(self, logits, padding_mask):
+        scores = RF.unified_scores(logits, self.router_config.alpha)
+        with torch.no_grad():
+            chosen = scores.detach()
+            if padding_mask is not None:
+                chosen = chosen.masked_fill(padding_mask.unsqueeze(-1), float("-inf"))
+            routing_map = self._select(chosen)
+        probs = scores * routing_map
+        return probs, routing_map, torch.softmax(logits, dim=-1)
+
+    def _select(self, scores: torch.Tensor) -> torch.Tensor:
+        S_local, B = self._shape
+        E = scores.shape[-1]
+        local = scores.reshape(S_local, B, E)
+        tp = self.tp_group.size() if self.tp_group is not None else 1
+        if tp > 1 and self.config.sequence_parallel:
+            parts = [torch.empty_like(local) for _ in range(tp)]
+            dist.all_gather(parts, local.contiguous(), group=self.tp_group)
+            full = torch.cat(parts, dim=0)
+        else:
+            full = local
+        group, k = self.router_config.group, self.topk
+        per_seq = full.transpose(0, 1)  # [B, S, E]
+        if group == "sequence":
+            chosen = RF.group_topk_map(per_seq, k).transpose(0, 1)
+        elif group == "causal":
+            chosen = RF.causal_topk_map(per_seq, k).transpose(0, 1)
+        else:
+            chosen = RF.group_topk_map(full.reshape(-1, E), k).reshape(full.shape)
+        if tp > 1 and self.config.sequence_parallel:
+            rank = self.tp_group.rank()
+            chosen = chosen[rank * S_local:(rank + 1) * S_local]
+        return chosen.reshape(-1, E)
