@@ -61,6 +61,11 @@ class MetricsWriter:
             for tag, value in clean.items():
                 self._tb.add_scalar(tag, value, step)
 
+    def image(self, tag: str, image, step: int) -> None:
+        """An RGB uint8 image [H, W, 3] to TensorBoard's images tab."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+
     def print_progress(self, step: int, loss: float, lr: float, tokens_per_sec: float,
                        step_time: float, extra: Optional[str] = None) -> None:
         """One console line: step/total, loss, lr, tokens/s, ETA."""

@@ -53,10 +53,11 @@ def reset(chunks) -> None:
         r.telemetry_entropy.zero_()
 
 
-def collect(chunks, cfg) -> dict:
+def collect(chunks, cfg) -> tuple[dict, torch.Tensor]:
     """Scalars per MoE layer, then reset: router/entropy (mean per-token entropy of the
     router's softmax over all experts, nats), router/max_over_mean_load, router/load_entropy
-    (entropy of the load distribution / ln E), router/dead_experts (no token routed)."""
+    (entropy of the load distribution / ln E), router/dead_experts (no token routed).
+    Also returns the [layers, experts] token counts (for heatmaps)."""
     from megasmoe import platform
 
     device = platform.device()
@@ -75,4 +76,4 @@ def collect(chunks, cfg) -> dict:
         out[f"router/max_over_mean_load/layer_{layer}"] = (row.max() / row.mean()).item()
         out[f"router/load_entropy/layer_{layer}"] = load_entropy / math.log(len(row))
         out[f"router/dead_experts/layer_{layer}"] = float((row == 0).sum().item())
-    return out
+    return out, counts

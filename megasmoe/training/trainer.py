@@ -35,7 +35,7 @@ from megasmoe import checkpoint as ckpt
 from megasmoe import platform
 from megasmoe.config import Config, save_config
 from megasmoe.model import build_model_chunks, layout_invariant_init, to_transformer_config
-from megasmoe.training import telemetry
+from megasmoe.training import heatmap, telemetry
 from megasmoe.training.data import batch_iterator, build_datasets
 from megasmoe.training.distributed import destroy_distributed, init_distributed, is_main
 from megasmoe.training.metrics import MetricsWriter, Throughput
@@ -107,6 +107,7 @@ class Trainer:
         self.metrics: MetricsWriter | None = None
         self.stop = _StopSignal()
         self.resumed: ckpt.Resumed | None = None
+        self.load_since_eval = None
 
     # ------------------------------------------------------------------ building
 
@@ -331,6 +332,7 @@ class Trainer:
             if t.eval_interval and self.step % t.eval_interval == 0 or self.step == end:
                 ev = self.evaluate()
                 self.metrics.log(self.step, ev)
+                self._write_heatmap()
                 self.metrics.info(
                     f"  eval step {self.step}: valid loss {ev['valid/loss']:.4f} "
                     f"ppl {ev['valid/ppl']:.2f}"
@@ -396,8 +398,21 @@ class Trainer:
                 if values[layer] != 0:
                     out[f"moe/{name}/layer_{layer}"] = values[layer].item()
         moe_utils.clear_aux_losses_tracker()
-        out.update(telemetry.collect(self.unwrapped, self.cfg))
+        scalars, counts = telemetry.collect(self.unwrapped, self.cfg)
+        out.update(scalars)
+        self.load_since_eval = counts if self.load_since_eval is None else self.load_since_eval + counts
         return out
+
+    def _write_heatmap(self) -> None:
+        """Expert-load picture of the tokens routed since the last evaluation (rank 0)."""
+        if self.load_since_eval is None:
+            return
+        if is_main():
+            image = heatmap.load_heatmap(self.load_since_eval.cpu().numpy())
+            heatmap.save_png(image, self.cfg.run.path / "plots" /
+                             f"expert_load_step_{self.step:07d}.png")
+            self.metrics.image("router/expert_load", image, self.step)
+        self.load_since_eval = None
 
     def close(self) -> None:
         """Close outputs and free megatron's global state."""

@@ -1,0 +1,101 @@
+"""Benchmark: forward+backward time of each router and of its whole MoE layer, vs topk.
+
+    .venv/bin/python bench/bench_routers.py [CONFIG] [key=value ...] [--repeats N]
+
+One process (world size 1, gloo). For every registered router the real megasmoe model
+is built at the config's shape; the first MoE layer is timed on the same random input
+[seq_length, micro_batch_size, hidden]: the router alone (probs.sum().backward()) and the
+whole MoE layer (output.sum().backward()), median of --repeats runs, all in one run. The
+table reports milliseconds and ratios to ``topk`` (goal: within 1.10x for the MoE layer
+except routers that are heavier by design: unified, spectral's first call, hyper).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up (and spectral's one-off SVD)
+    samples = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", default="configs/tiny-cpu.yaml")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args(argv)
+
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+
+    from megasmoe import platform
+    from megasmoe.config import load_config, validate
+    from megasmoe.routers import registered_routers
+    from megasmoe.training.distributed import destroy_distributed, init_distributed
+    from megasmoe.training.trainer import Trainer
+
+    base = ["parallel.world_size=1", "parallel.ep=1", "moe.dispatcher=allgather",
+            "checkpoint.enabled=false", "logging.tensorboard=false",
+            "run.dir=/tmp/megasmoe-bench", *args.overrides]
+    extra = {"smoe_dropout": ["moe.aux_loss_type=none"]}
+    rows = []
+    initialised = False
+    for name in registered_routers():
+        cfg = validate(load_config(args.config, [*base, f"moe.router.name={name}",
+                                                 *extra.get(name, [])]), 1)
+        if not initialised:
+            init_distributed(cfg)
+            initialised = True
+        trainer = Trainer(cfg)
+        layer = next(m for m in trainer.unwrapped[0].modules()
+                     if type(m).__name__ == "MoELayer")
+        layer.train()
+        t = cfg.train
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(t.seq_length, t.micro_batch_size, cfg.model.hidden_size,
+                        generator=gen).to(platform.device())
+
+        def router_step():
+            inp = x.detach().requires_grad_(True)
+            probs, _ = layer.router(inp)
+            probs.sum().backward()
+
+        def layer_step():
+            inp = x.detach().requires_grad_(True)
+            out, _ = layer(inp)
+            out.sum().backward()
+
+        rows.append((name, _time(router_step, args.repeats), _time(layer_step, args.repeats)))
+        trainer.close()
+        destroy_num_microbatches_calculator()
+    ref = {r[0]: r for r in rows}["topk"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"device: {device}; shape: seq {t.seq_length} x batch {t.micro_batch_size} x "
+          f"hidden {cfg.model.hidden_size}, {cfg.moe.num_experts} experts, top-{cfg.moe.topk}")
+    print(f"{'router':<14}{'router ms':>11}{'vs topk':>9}{'MoE layer ms':>14}{'vs topk':>9}")
+    for name, r_s, l_s in rows:
+        print(f"{name:<14}{r_s * 1e3:>11.3f}{r_s / ref[1]:>9.2f}{l_s * 1e3:>14.3f}{l_s / ref[2]:>9.2f}")
+    destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
