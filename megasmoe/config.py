@@ -19,6 +19,7 @@ import difflib
 import functools
 import importlib.util
 import inspect
+import re
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -41,6 +42,27 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A one-line, user-facing configuration error naming the field and the fix."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 SafeLoader that also reads 1e-3 / 3E-4 as floats (plain PyYAML wants a dot)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str, where: str):
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML ({problem}{line})") from None
 
 
 @dataclass
@@ -301,9 +323,9 @@ def field_docs(cls: type) -> dict[str, str]:
 # --------------------------------------------------------------------------- loading
 
 
-def _nearest(name: str, choices) -> str:
+def _nearest(name: str, choices, prefix: str = "") -> str:
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f"; did you mean '{match[0]}'?" if match else ""
+    return f"; did you mean '{prefix}{match[0]}'?" if match else ""
 
 
 def _type_name(tp) -> str:
@@ -350,14 +372,15 @@ def _build(cls, data: dict, prefix: str):
     names = {f.name for f in dataclasses.fields(cls)}
     if cls is RouterSection:
         data = dict(data)
-        kwargs = {"name": data.pop("name", "topk")}
+        kwargs = {"name": _coerce(data.pop("name", "topk"), str, prefix + "name")}
         kwargs["options"] = {**data.pop("options", {}), **data}
         return RouterSection(**kwargs)
     kwargs = {}
     for key, value in data.items():
         full = prefix + key
         if key not in names:
-            raise ConfigError(f"unknown config key '{full}'{_nearest(key, names)}")
+            raise ConfigError(f"unknown config key '{full}'"
+                              f"{_nearest(key, names, prefix)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, full + ".")
@@ -400,7 +423,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override '{item}': empty key; write key=value, e.g. train.steps=20")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -421,7 +444,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple | list = ())
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' not found; pass a YAML file under configs/")
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = _yaml_load(path.read_text(), f"config file '{path}'") or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config file '{path}': top level must be a mapping of sections")
     apply_overrides(tree, list(overrides))
@@ -447,6 +470,12 @@ def _require(cond: bool, message: str) -> None:
 def resolve_world(cfg: Config, world_size: Optional[int] = None) -> Config:
     """Fill parallel.world_size and parallel.dp (from the launcher's world size if given)."""
     p = cfg.parallel
+    for name in ("tp", "pp", "cp", "ep"):
+        _require(getattr(p, name) >= 1, f"parallel.{name}={getattr(p, name)} must be >= 1")
+    for name in ("world_size", "dp", "etp"):
+        value = getattr(p, name)
+        _require(value is None or value >= 1,
+                 f"parallel.{name}={value} must be >= 1 (or null to derive it)")
     mp = cfg.model_parallel_size()
     if world_size is not None:
         _require(
@@ -484,8 +513,23 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
 
     resolve_world(cfg, world_size)
     p, m, e, t = cfg.parallel, cfg.model, cfg.moe, cfg.train
-    for name in ("tp", "pp", "ep", "cp", "etp"):
-        _require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1")
+    for section, names in (
+        ("model", ("num_layers", "hidden_size", "num_heads", "vocab_size")),
+        ("moe", ("ffn_hidden_size",)),
+        ("train", ("seq_length", "global_batch_size", "eval_iters")),
+    ):
+        for name in names:
+            value = getattr(getattr(cfg, section), name)
+            _require(value >= 1, f"{section}.{name}={value} must be >= 1")
+    for dotted, value in (("model.num_query_groups", m.num_query_groups),
+                          ("model.ffn_hidden_size", m.ffn_hidden_size),
+                          ("train.exit_at_step", t.exit_at_step),
+                          ("train.wsd_decay_steps", t.wsd_decay_steps)):
+        _require(value is None or value >= 1, f"{dotted}={value} must be >= 1 or null")
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _require(e.shared_expert_size >= 0, "moe.shared_expert_size must be >= 0 (0 = none)")
     _require(p.vpp is None or p.vpp >= 1, "parallel.vpp must be >= 1 or null")
     _require(
         m.num_heads % p.tp == 0,
@@ -500,7 +544,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     )
     _require(
         m.hidden_size % m.num_heads == 0,
-        f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}",
+        f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
+        f"change one of them",
     )
     _require(e.num_experts >= 1, "moe.num_experts must be >= 1")
     _require(
@@ -543,7 +588,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         _require(e.layer_freq >= 1, "moe.layer_freq must be >= 1 or a 0/1 list per layer")
     _require(
         m.num_layers % p.pp == 0,
-        f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}",
+        f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}; "
+        f"choose a pp that divides the layer count",
     )
     if p.vpp is not None:
         _require(p.pp > 1, "parallel.vpp needs parallel.pp > 1; unset vpp or raise pp")
@@ -559,7 +605,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         )
         _require(
             t.seq_length % (2 * p.cp) == 0,
-            f"train.seq_length={t.seq_length} must be divisible by 2 x parallel.cp={2 * p.cp}",
+            f"train.seq_length={t.seq_length} must be divisible by 2 x parallel.cp "
+            f"(= {2 * p.cp}); change train.seq_length or parallel.cp",
         )
     if p.sp:
         _require(
@@ -585,7 +632,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     _require(t.steps >= 1, "train.steps must be >= 1")
     _require(
         t.lr_schedule in ("cosine", "linear", "constant", "wsd"),
-        f"train.lr_schedule='{t.lr_schedule}' is unknown; use cosine, linear, constant or wsd",
+        f"train.lr_schedule='{t.lr_schedule}' is unknown; use cosine, linear, constant or wsd"
+        f"{_nearest(t.lr_schedule, ['cosine', 'linear', 'constant', 'wsd'])}",
     )
     _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
     _require(t.warmup_steps < t.steps or t.steps == 1, f"train.warmup_steps={t.warmup_steps} must be < train.steps={t.steps}; lower train.warmup_steps")
