@@ -4,6 +4,8 @@
     megasmoe check    [CONFIG.yaml] [key=value ...]   validate a config, print the layout
     megasmoe world-size [CONFIG.yaml] [key=value ...] validate, print the process count
     megasmoe checkpoint inspect DIR                   summary + integrity check of a checkpoint
+    megasmoe tokenizer train --input F... --output-prefix P --vocab-size N
+    megasmoe preprocess --input F... --output-prefix P --tokenizer T [--workers N]
     megasmoe routers                                  list registered routers and fields
     megasmoe config-reference                         print every config field, documented
 
@@ -47,10 +49,24 @@ def _load(args):
 
 def _cmd_pretrain(args) -> int:
     cfg = _load(args)
+    from megasmoe.training.data import resolve_data
     from megasmoe.training.trainer import pretrain
 
+    resolve_data(cfg)  # data errors surface here, before any process group starts
     pretrain(cfg)
     return 0
+
+
+def _cmd_tokenizer(args) -> int:
+    from megasmoe.data import tokenizer_main
+
+    return tokenizer_main(args.rest)
+
+
+def _cmd_preprocess(args) -> int:
+    from megasmoe.data import preprocess_main
+
+    return preprocess_main(args.rest)
 
 
 def _cmd_check(args) -> int:
@@ -142,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--all", action="store_true", help="also list optimizer tensors")
     ins.add_argument("--no-values", action="store_true", help="skip the NaN/Inf scan")
     ins.set_defaults(fn=_cmd_checkpoint_inspect)
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(
+        dest="tokenizer_command", required=True)
+    tok_train = tok.add_parser("train", help="train a SentencePiece tokenizer", add_help=False)
+    tok_train.add_argument("rest", nargs=argparse.REMAINDER)
+    tok_train.set_defaults(fn=_cmd_tokenizer)
+    pre = sub.add_parser("preprocess", help="text/JSONL -> Megatron .bin/.idx", add_help=False)
+    pre.add_argument("rest", nargs=argparse.REMAINDER)
+    pre.set_defaults(fn=_cmd_preprocess)
     sub.add_parser("routers", help="list routers").set_defaults(fn=_cmd_routers)
     sub.add_parser("config-reference", help="list config fields").set_defaults(
         fn=_cmd_config_reference)
@@ -162,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     _split_config_arg(args)
     from megasmoe.checkpoint import CheckpointError
     from megasmoe.config import ConfigError
+    from megasmoe.data import DataError
 
     try:
         return args.fn(args)
@@ -170,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     except CheckpointError as e:
         print(f"megasmoe: checkpoint error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except DataError as e:
+        print(f"megasmoe: data error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 
 

@@ -228,18 +228,24 @@ class TrainConfig:
 class DataConfig:
     """Training data."""
 
-    source: str = "mock"
-    """mock (megatron's synthetic GPT data) or indexed (Megatron .bin/.idx prefixes)."""
+    source: str = "corpus"
+    """corpus (the embedded English corpus, tokenized on first use), indexed (your Megatron
+    .bin/.idx prefixes) or mock (megatron's synthetic data)."""
     prefixes: list = field(default_factory=list)
     """Indexed-dataset path prefixes (without .bin/.idx), for source=indexed."""
     weights: Optional[list] = None
-    """Blend weights per prefix; null = proportional to size."""
+    """Blend weights per prefix; null = proportional to their sizes."""
     split: str = "969,30,1"
-    """train,valid,test split of each prefix (Megatron format)."""
+    """train,valid,test split of each prefix (Megatron format), for source=indexed."""
+    tokenizer: Optional[str] = None
+    """SentencePiece .model or Hugging Face tokenizer.json of the data (source=corpus fills
+    it in with the tokenizer it trains)."""
     num_workers: int = 0
     """DataLoader worker processes."""
     cache_dir: Optional[str] = None
-    """Where dataset index caches go; null = <run dir>/data_cache."""
+    """Cache of the prepared corpus; null = $MEGASMOE_CACHE or ~/.cache/megasmoe."""
+    index_cache_dir: Optional[str] = None
+    """Where megatron's dataset index caches go; null = <run dir>/data_cache."""
 
 
 @dataclass
@@ -644,8 +650,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     _require(t.log_interval >= 1, "train.log_interval must be >= 1")
     _require(t.eval_interval >= 0, "train.eval_interval must be >= 0")
     _require(
-        cfg.data.source in ("mock", "indexed"),
-        f"data.source='{cfg.data.source}' is unknown; use mock or indexed",
+        cfg.data.source in ("corpus", "mock", "indexed"),
+        f"data.source='{cfg.data.source}' is unknown; use corpus, indexed or mock",
     )
     c = cfg.checkpoint
     _require(c.interval >= 0, "checkpoint.interval must be >= 0 (0 = only at the end)")
@@ -654,5 +660,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
              f"checkpoint.async_save={c.async_save!r}; use auto, true or false")
     if cfg.data.source == "indexed":
         _require(bool(cfg.data.prefixes), "data.prefixes is empty; list .bin/.idx path prefixes")
+        _require(cfg.data.weights is None or len(cfg.data.weights) == len(cfg.data.prefixes),
+                 f"data.weights has {len(cfg.data.weights or [])} entries for "
+                 f"{len(cfg.data.prefixes)} data.prefixes; give one weight per prefix")
     router_config_for(cfg)  # router name and its fields
     return cfg

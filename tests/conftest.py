@@ -16,6 +16,10 @@ BIN = Path(sys.executable).parent
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
+# The embedded corpus is tokenized once per machine into this cache (gitignored) and
+# shared by every test run; tests of the first-use path point MEGASMOE_CACHE elsewhere.
+os.environ.setdefault("MEGASMOE_CACHE", str(REPO / ".megasmoe-cache"))
+
 # A small, fast model for multi-process tests (the default config's shape, fewer steps).
 FAST = [
     "train.warmup_steps=1",

@@ -10,6 +10,8 @@ micro batch group of ``micro_batch_size x d`` samples, like Megatron-LM's sample
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
@@ -18,7 +20,8 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 
 from megasmoe.config import Config
 
-__all__ = ["VocabTokenizer", "build_datasets", "MicroBatchSampler", "batch_iterator"]
+__all__ = ["VocabTokenizer", "build_datasets", "MicroBatchSampler", "batch_iterator",
+           "resolve_data", "default_cache_dir", "load_run_tokenizer", "dataset_config"]
 
 
 class VocabTokenizer:
@@ -37,19 +40,69 @@ class VocabTokenizer:
                                    "eod": self.eod}
 
 
-def dataset_config(cfg: Config, tokenizer=None) -> GPTDatasetConfig:
-    """megatron-core GPTDatasetConfig for this run."""
+def default_cache_dir() -> Path:
+    """Where the prepared embedded corpus is cached: $MEGASMOE_CACHE or ~/.cache/megasmoe."""
+    env = os.environ.get("MEGASMOE_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "megasmoe"
+
+
+def resolve_data(cfg: Config) -> Config:
+    """Check the data and fill in paths, before any process group starts.
+
+    source=corpus: tokenizes and preprocesses the embedded corpus on first use (cached,
+    safe for concurrent ranks) and records its prefixes and tokenizer in the config.
+    source=indexed: every prefix's .bin/.idx must be complete, and the tokenizer's vocab
+    must fit model.vocab_size. Raises DataError (one line) otherwise.
+    """
+    from megasmoe.data import (check_indexed_dataset, check_vocab, load_tokenizer,
+                               prepare_default_data)
+
     d = cfg.data
-    blend = None
+    if d.source == "corpus":
+        built = prepare_default_data(Path(d.cache_dir) if d.cache_dir else default_cache_dir(),
+                                     vocab_size=cfg.model.vocab_size)
+        d.prefixes = [str(built[s]) for s in ("train", "valid", "test")]
+        d.tokenizer = str(built["tokenizer"])
+    if d.source in ("corpus", "indexed"):
+        for prefix in d.prefixes:
+            check_indexed_dataset(prefix)
+        if d.tokenizer:
+            check_vocab(load_tokenizer(d.tokenizer), cfg.model.vocab_size)
+    return cfg
+
+
+def load_run_tokenizer(cfg: Config):
+    """The run's tokenizer (data.tokenizer), or vocab facts only for mock data."""
+    if cfg.data.tokenizer:
+        from megasmoe.data import load_tokenizer
+
+        return load_tokenizer(cfg.data.tokenizer)
+    return VocabTokenizer(cfg.model.vocab_size)
+
+
+def dataset_config(cfg: Config, tokenizer=None) -> GPTDatasetConfig:
+    """megatron-core GPTDatasetConfig for this run.
+
+    corpus: the embedded corpus' own held-out splits (train/valid/test prefixes);
+    indexed: a weighted blend of prefixes, each split by data.split; mock: synthetic.
+    """
+    d = cfg.data
+    blend, blend_per_split, split = None, None, d.split
     if d.source == "indexed":
         blend = (list(d.prefixes), list(d.weights) if d.weights else None)
+    elif d.source == "corpus":
+        blend_per_split = [([p], None) for p in d.prefixes]
+        split = None
     return GPTDatasetConfig(
         random_seed=cfg.run.seed,
         sequence_length=cfg.train.seq_length,
         blend=blend,
-        split=d.split,
-        path_to_cache=d.cache_dir or str(cfg.run.path / "data_cache"),
-        tokenizer=tokenizer or VocabTokenizer(cfg.model.vocab_size),
+        blend_per_split=blend_per_split,
+        split=split,
+        path_to_cache=d.index_cache_dir or str(cfg.run.path / "data_cache"),
+        tokenizer=tokenizer or load_run_tokenizer(cfg),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
@@ -58,13 +111,27 @@ def dataset_config(cfg: Config, tokenizer=None) -> GPTDatasetConfig:
 
 
 def build_datasets(cfg: Config, tokenizer=None):
-    """(train, valid, test) datasets sized for the whole run, built on every rank."""
+    """(train, valid, test) datasets sized for the whole run.
+
+    Rank 0 builds first (writing megatron's index cache); the others then read it.
+    """
+    import torch.distributed as dist
+
     t = cfg.train
-    n_eval = (t.steps // max(t.eval_interval, 1) + 2) * t.eval_iters * t.global_batch_size
-    sizes = [t.steps * t.global_batch_size, n_eval, t.eval_iters * t.global_batch_size]
+    # Every evaluation reads the same first eval_iters batches.
+    n_eval = t.eval_iters * t.global_batch_size
+    sizes = [t.steps * t.global_batch_size, n_eval, n_eval]
     dcfg = dataset_config(cfg, tokenizer)
     cls = MockGPTDataset if cfg.data.source == "mock" else GPTDataset
-    return BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, dcfg).build()
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    built = None
+    if first:
+        built = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, dcfg).build()
+    if dist.is_initialized():
+        dist.barrier()
+    if not first:
+        built = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, dcfg).build()
+    return built
 
 
 class MicroBatchSampler:
