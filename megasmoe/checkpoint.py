@@ -439,6 +439,11 @@ def load_checkpoint(trainer, ckpt_dir: Path) -> Resumed:
 
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
+    if meta.get("weights_only"):
+        # An imported model (megasmoe convert from-hf): weights only, fresh optimizer.
+        from megasmoe.convert.weights_only import load_weights_only
+
+        return load_weights_only(trainer, ckpt_dir)
     check_compatible(meta, trainer.cfg, ckpt_dir)
     same_layout = meta["layout"] == layout_of(trainer.cfg)
     _, load_strategy = _strategies(trainer)

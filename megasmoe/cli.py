@@ -6,6 +6,8 @@
     megasmoe checkpoint inspect DIR                   summary + integrity check of a checkpoint
     megasmoe tokenizer train --input F... --output-prefix P --vocab-size N
     megasmoe preprocess --input F... --output-prefix P --tokenizer T [--workers N]
+    megasmoe convert to-hf|from-hf|verify ...         Hugging Face conversion (docs/conversion.md)
+    megasmoe launch [--dry-run] CONFIG ...            SLURM plan / pre-flight (docs/slurm.md)
     megasmoe routers                                  list registered routers and fields
     megasmoe config-reference                         print every config field, documented
 
@@ -167,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("rest", nargs=argparse.REMAINDER)
     pre.set_defaults(fn=_cmd_preprocess)
     sub.add_parser("routers", help="list routers").set_defaults(fn=_cmd_routers)
+    from megasmoe.convert import add_subcommand as add_convert_subcommand
+    from megasmoe.launch import add_subcommand as add_launch_subcommand
+
+    add_convert_subcommand(sub)
+    add_launch_subcommand(sub)
     sub.add_parser("config-reference", help="list config fields").set_defaults(
         fn=_cmd_config_reference)
     return parser

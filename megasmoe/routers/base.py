@@ -150,6 +150,49 @@ class MegasmoeRouter(TopKRouter):
         self.record_load(routing_map, padding_mask)
         return probs, routing_map
 
+    # ---------------------------------------------------------------- aux-loss scaling
+
+    def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss,
+                                           aux_loss_name, reduce_group,
+                                           reduce_group_has_dp=False, valid_token_count=None):
+        """Megatron's attach, with the per-token scale counted over the reduce group.
+
+        With calculate_per_token_loss, megatron-core 0.16.1 scales a rank's share of the
+        loss by its local token count, then finalize_model_grads sums the router gradient
+        over TP and divides by the micro batch's full count: the gradient comes out 1/TP
+        (1/(TP x CP)) too small (NVIDIA/Megatron-LM#1652, fixed upstream later). Scaling
+        by local tokens x group size makes it layout-independent (tests/test_routers.py).
+        """
+        if self.calculate_per_token_loss and not reduce_group_has_dp:
+            local = valid_token_count if valid_token_count is not None else activation.shape[0]
+            valid_token_count = local * reduce_group.size()
+        return super().attach_and_log_load_balancing_loss(
+            activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
+            reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count)
+
+    def apply_z_loss(self, logits, padding_mask=None):
+        """Megatron's z-loss with the same TP x CP correction of its per-token scale."""
+        from megatron.core.transformer.moe.moe_utils import (
+            MoEAuxLossAutoScaler,
+            save_to_aux_losses_tracker,
+            z_loss_func,
+        )
+
+        if not (self.config.moe_z_loss_coeff is not None and self.training
+                and torch.is_grad_enabled()):
+            return logits
+        group_size = self.tp_cp_group.size()
+        coeff = self.config.moe_z_loss_coeff / group_size
+        z_loss = z_loss_func(logits, coeff, padding_mask=padding_mask)
+        if self.calculate_per_token_loss:
+            n = (~padding_mask).sum() if padding_mask is not None else logits.shape[0]
+            logits = MoEAuxLossAutoScaler.apply(logits, z_loss * n * group_size)
+        else:
+            logits = MoEAuxLossAutoScaler.apply(logits, z_loss)
+        num_layers = self.config.num_layers + (self.config.mtp_num_layers or 0)
+        save_to_aux_losses_tracker("z_loss", z_loss / coeff, self.layer_number, num_layers)
+        return logits
+
     # ---------------------------------------------------------------- hooks
 
     def on_train_step(self, step: int, total_steps: int) -> None:

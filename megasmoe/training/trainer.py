@@ -91,6 +91,10 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        # Handlers first: a time-limit signal during start-up must not kill the worker;
+        # it is honoured at the first step boundary.
+        self.stop = _StopSignal()
+        self.stop.install()
         self.device = platform.device()
         self.tc = to_transformer_config(cfg)
         self.step = 0
@@ -105,7 +109,6 @@ class Trainer:
 
             self.async_queue = AsyncCallsQueue()
         self.metrics: MetricsWriter | None = None
-        self.stop = _StopSignal()
         self.resumed: ckpt.Resumed | None = None
         self.load_since_eval = None
 
@@ -290,7 +293,6 @@ class Trainer:
         self._train_iters = self._iterators(self.train_ds, self.consumed_samples)
         for m in self.model:
             m.train()
-        self.stop.install()
         tokens_per_step = t.global_batch_size * t.seq_length
         self.metrics.info(
             f"megasmoe: training {cfg.run.name} for {t.steps} steps "

@@ -1,0 +1,25 @@
+"""Target architectures, in the order export tries them, and lookup by model_type."""
+
+from __future__ import annotations
+
+from megasmoe.convert.archs.base import Arch, ImportedModel, Tensors
+from megasmoe.convert.archs.glm4_moe import Glm4Moe
+from megasmoe.convert.archs.mixtral import Mixtral
+from megasmoe.convert.archs.olmoe import Olmoe
+from megasmoe.convert.archs.qwen2_moe import Qwen2Moe
+from megasmoe.convert.errors import ConversionError
+
+__all__ = ["Arch", "ImportedModel", "Tensors", "EXPORT_TARGETS", "arch_for_model_type"]
+
+EXPORT_TARGETS: tuple[Arch, ...] = (Mixtral(), Qwen2Moe(), Glm4Moe())
+"""Tried in order: the first that holds the model exactly is written."""
+
+_ALL = {a.model_type: a for a in (*EXPORT_TARGETS, Olmoe())}
+
+
+def arch_for_model_type(model_type: str) -> Arch:
+    """The architecture of an HF config's model_type; ConversionError if unsupported."""
+    if model_type not in _ALL:
+        raise ConversionError(f"model_type={model_type!r} is not supported for import "
+                              f"(supported: {', '.join(sorted(_ALL))})")
+    return _ALL[model_type]

@@ -1,0 +1,195 @@
+"""What every target architecture shares: Llama-style attention/norm names, the mapper
+that tracks which tensors were used, and the base class an architecture implements.
+
+Canonical tensor names are those of ``megasmoe/convert/megatron_layout.py``; the
+gate of a MoE layer is ``layers.<i>.gate.weight`` [E, H] (plus
+``layers.<i>.gate.selection_bias`` [E] for DeepSeek-V3-style routing), written there by
+the router exporter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megasmoe.convert.errors import ConversionError
+from megasmoe.convert.megatron_layout import ModelShape
+from megasmoe.convert.routers import Routing
+
+__all__ = ["Arch", "Tensors", "ImportedModel", "LAYER_COMMON", "GLOBAL_COMMON", "require_zero",
+           "common_model_overrides", "layer_freq"]
+
+# (canonical, HF) names shared by Mixtral, Qwen2-MoE and GLM4-MoE (Llama layout).
+GLOBAL_COMMON = (("embed", "model.embed_tokens.weight"), ("final_norm", "model.norm.weight"))
+LAYER_COMMON = (
+    ("input_norm", "input_layernorm.weight"),
+    ("q", "self_attn.q_proj.weight"),
+    ("k", "self_attn.k_proj.weight"),
+    ("v", "self_attn.v_proj.weight"),
+    ("o", "self_attn.o_proj.weight"),
+    ("mlp_norm", "post_attention_layernorm.weight"),
+)
+
+
+class Tensors:
+    """A tensor dict that remembers which entries were read (to find unused ones)."""
+
+    def __init__(self, tensors: dict, what: str):
+        self.tensors = dict(tensors)
+        self.what = what
+        self.used: set = set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def take(self, name: str) -> torch.Tensor:
+        """The tensor ``name``, marked used; ConversionError naming it if absent."""
+        if name not in self.tensors:
+            raise ConversionError(f"{self.what} has no tensor {name}")
+        self.used.add(name)
+        return self.tensors[name]
+
+    def get(self, name: str) -> Optional[torch.Tensor]:
+        """The tensor ``name`` marked used, or None."""
+        if name in self.tensors:
+            self.used.add(name)
+            return self.tensors[name]
+        return None
+
+    def unused(self) -> list[str]:
+        """Names never read."""
+        return sorted(set(self.tensors) - self.used)
+
+
+@dataclass
+class ImportedModel:
+    """An HF checkpoint in megasmoe terms: config fields and canonical tensors."""
+
+    overrides: dict
+    """Nested megasmoe config fields (model.*, moe.*, moe.router.*)."""
+    canonical: dict
+
+
+class Arch:
+    """A target architecture (subclasses: mixtral, qwen2_moe, glm4_moe).
+
+    Export: ``unsupported`` says why a megasmoe model cannot be written exactly (None if
+    it can), ``hf_config`` gives config.json, ``export`` maps canonical tensors to HF
+    names. Import: ``import_checkpoint`` maps an HF config and tensors back, refusing
+    what megasmoe cannot represent, naming the HF field or tensor.
+    """
+
+    name = "base"
+    model_type = ""
+    architecture = ""
+    config_class = ""
+
+    def unsupported(self, shape: ModelShape, routing: Routing, extra: dict) -> Optional[str]:
+        """Why this architecture cannot hold the model exactly; None when it can."""
+        raise NotImplementedError
+
+    def hf_config(self, shape: ModelShape, routing: Routing, extra: dict) -> dict:
+        """Keyword arguments of the transformers config class."""
+        raise NotImplementedError
+
+    def export(self, canon: Tensors, shape: ModelShape, routing: Routing, extra: dict) -> dict:
+        """HF tensors (hub names) from canonical ones."""
+        raise NotImplementedError
+
+    def import_checkpoint(self, cfg: dict, hf: Tensors) -> ImportedModel:
+        """megasmoe config fields and canonical tensors from an HF config and tensors."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared pieces
+
+    @staticmethod
+    def export_common(canon: Tensors, shape: ModelShape, out: dict) -> None:
+        """Embeddings, final norm, LM head (untied) and each layer's attention and norms."""
+        for c, h in GLOBAL_COMMON:
+            out[h] = canon.take(c)
+        if not shape.tied:
+            out["lm_head.weight"] = canon.take("lm_head")
+        for i in range(shape.num_layers):
+            for c, h in LAYER_COMMON:
+                out[f"model.layers.{i}.{h}"] = canon.take(f"layers.{i}.{c}")
+
+    @staticmethod
+    def import_common(hf: Tensors, num_layers: int, tied: bool, out: dict) -> None:
+        """Inverse of ``export_common``."""
+        for c, h in GLOBAL_COMMON:
+            out[c] = hf.take(h)
+        if not tied:
+            out["lm_head"] = hf.take("lm_head.weight")
+        elif "lm_head.weight" in hf:
+            # Some writers store the tied head anyway; it must equal the embedding.
+            if not torch.equal(hf.take("lm_head.weight"), out["embed"]):
+                raise ConversionError("tie_word_embeddings is true but lm_head.weight differs "
+                                      "from model.embed_tokens.weight")
+        for i in range(num_layers):
+            for c, h in LAYER_COMMON:
+                out[f"layers.{i}.{c}"] = hf.take(f"model.layers.{i}.{h}")
+
+    @staticmethod
+    def export_experts(canon: Tensors, i: int, num_experts: int, prefix: str,
+                       names: tuple[str, str, str], out: dict,
+                       down_scale: Optional[float] = None) -> None:
+        """Routed experts as per-expert tensors (gate, up, down names of the hub format).
+
+        ``down_scale`` folds a routing scaling factor into the down projections.
+        """
+        gate = canon.take(f"layers.{i}.experts.gate")
+        up = canon.take(f"layers.{i}.experts.up")
+        down = canon.take(f"layers.{i}.experts.down")
+        if down_scale is not None:
+            down = (down.double() * down_scale).to(down.dtype)
+        g, u, d = names
+        for e in range(num_experts):
+            out[f"{prefix}.experts.{e}.{g}.weight"] = gate[e].contiguous()
+            out[f"{prefix}.experts.{e}.{u}.weight"] = up[e].contiguous()
+            out[f"{prefix}.experts.{e}.{d}.weight"] = down[e].contiguous()
+
+    @staticmethod
+    def import_experts(hf: Tensors, i: int, num_experts: int, prefix: str,
+                       names: tuple[str, str, str], out: dict) -> None:
+        """Inverse of ``export_experts`` (no scaling)."""
+        g, u, d = names
+        for part, n in (("gate", g), ("up", u), ("down", d)):
+            out[f"layers.{i}.experts.{part}"] = torch.stack(
+                [hf.take(f"{prefix}.experts.{e}.{n}.weight") for e in range(num_experts)])
+
+    @staticmethod
+    def mlp(canon_prefix: str, hf_prefix: str, names=("gate_proj", "up_proj", "down_proj")):
+        """(canonical, HF) pairs of a SwiGLU MLP."""
+        return [(f"{canon_prefix}.{p}", f"{hf_prefix}.{n}.weight")
+                for p, n in zip(("gate", "up", "down"), names)]
+
+
+def require_zero(hf: Tensors, name: str, why: str) -> None:
+    """Refuse an HF tensor megasmoe has no place for unless it is all zeros."""
+    t = hf.take(name)
+    if t.numel() and bool(t.abs().max() != 0):
+        raise ConversionError(f"{name} is not zero and {why}")
+
+
+def common_model_overrides(cfg: dict, hidden: int, heads: int) -> dict:
+    """megasmoe model.* fields from the Llama-style fields of an HF config."""
+    from megasmoe.convert.archs.checks import rope_theta
+
+    kv = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or hidden // heads
+    if head_dim * heads != hidden:
+        raise ConversionError(f"head_dim={head_dim} x num_attention_heads={heads} != "
+                              f"hidden_size={hidden}; megasmoe needs head_dim = hidden / heads")
+    return {
+        "num_layers": cfg["num_hidden_layers"], "hidden_size": hidden, "num_heads": heads,
+        "num_query_groups": None if kv == heads else kv, "vocab_size": cfg["vocab_size"],
+        "norm_eps": cfg.get("rms_norm_eps", 1e-6), "rope_base": rope_theta(cfg),
+        "share_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+    }
+
+
+def layer_freq(pattern: list[bool]):
+    """megasmoe's moe.layer_freq for a per-layer MoE pattern (1 when all are MoE)."""
+    return 1 if all(pattern) else [int(x) for x in pattern]

@@ -1,0 +1,154 @@
+"""GLM4-MoE (``Glm4MoeForCausalLM``): sigmoid routing, the target of sigmoid routers.
+
+Routing: sigmoid scores, top-k of scores + ``e_score_correction_bias`` (selection
+only), the selected scores renormalised (+1e-20, like megatron) when
+``norm_topk_prob``, times ``routed_scaling_factor``: megatron's sigmoid routing with
+expert bias (``sigmoid_bias``) or without (``topk`` with score_function=sigmoid, bias
+written as zeros), with one expert group (n_group = topk_group = 1). Written with
+partial_rotary_factor 1 (megasmoe rotates the whole head), no q/k norm, no attention
+bias. Dense layers must come first (``first_k_dense_replace``); the shared expert has
+no gate and a width of n_shared_experts x moe_intermediate_size.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megasmoe.convert.archs.base import (
+    Arch,
+    ImportedModel,
+    Tensors,
+    common_model_overrides,
+    layer_freq,
+    require_zero,
+)
+from megasmoe.convert.archs.checks import check_common, require
+from megasmoe.convert.megatron_layout import ModelShape
+from megasmoe.convert.routers import Routing
+
+__all__ = ["Glm4Moe"]
+
+_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+class Glm4Moe(Arch):
+    """GLM4-MoE as a conversion target and source."""
+
+    name = "glm4_moe"
+    model_type = "glm4_moe"
+    architecture = "Glm4MoeForCausalLM"
+    config_class = "Glm4MoeConfig"
+
+    @staticmethod
+    def _dense_prefix(shape: ModelShape) -> Optional[int]:
+        k = next((i for i, moe in enumerate(shape.moe_layers) if moe), shape.num_layers)
+        return k if all(shape.moe_layers[k:]) else None
+
+    def unsupported(self, shape: ModelShape, routing: Routing, extra: dict) -> Optional[str]:
+        if routing.score_function != "sigmoid":
+            return f"moe.router.score_function={routing.score_function} (GLM4-MoE uses sigmoid)"
+        if routing.normalize != (routing.topk > 1):
+            return "sigmoid scores without renormalisation"
+        if self._dense_prefix(shape) is None:
+            return "moe.layer_freq puts dense layers after MoE layers (GLM4-MoE's come first)"
+        if shape.shared_expert_size % shape.moe_ffn_hidden_size:
+            return (f"moe.shared_expert_size={shape.shared_expert_size} is not a multiple of "
+                    f"moe.ffn_hidden_size={shape.moe_ffn_hidden_size}")
+        if extra.get("shared_expert_gate"):
+            return "the shared expert's gate (GLM4-MoE has none)"
+        return None
+
+    def hf_config(self, shape: ModelShape, routing: Routing, extra: dict) -> dict:
+        return dict(
+            vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
+            intermediate_size=shape.ffn_hidden_size, num_hidden_layers=shape.num_layers,
+            num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_query_groups,
+            head_dim=shape.head_dim, hidden_act="silu",
+            max_position_embeddings=shape.seq_length, rms_norm_eps=shape.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": float(shape.rope_base),
+                             "partial_rotary_factor": 1.0},
+            attention_bias=False, use_qk_norm=False,
+            moe_intermediate_size=shape.moe_ffn_hidden_size,
+            n_shared_experts=shape.shared_expert_size // shape.moe_ffn_hidden_size,
+            n_routed_experts=shape.num_experts, num_experts_per_tok=routing.topk,
+            routed_scaling_factor=routing.scaling or 1.0, n_group=1, topk_group=1,
+            first_k_dense_replace=self._dense_prefix(shape), norm_topk_prob=routing.normalize,
+            num_mtp_layers=0, tie_word_embeddings=shape.tied, attention_dropout=0.0,
+        )
+
+    def export(self, canon: Tensors, shape: ModelShape, routing: Routing, extra: dict) -> dict:
+        out: dict = {}
+        self.export_common(canon, shape, out)
+        for i in range(shape.num_layers):
+            p = f"model.layers.{i}.mlp"
+            if not shape.moe_layers[i]:
+                for c, h in self.mlp(f"layers.{i}.mlp", p):
+                    out[h] = canon.take(c)
+                continue
+            out[f"{p}.gate.weight"] = canon.take(f"layers.{i}.gate.weight")
+            bias = canon.get(f"layers.{i}.gate.selection_bias")
+            out[f"{p}.gate.e_score_correction_bias"] = (
+                torch.zeros(shape.num_experts) if bias is None else bias.float())
+            self.export_experts(canon, i, shape.num_experts, p, _EXPERT_NAMES, out)
+            H, S = shape.hidden_size, shape.shared_expert_size
+            dtype = out[f"{p}.gate.weight"].dtype
+            for part, name in zip(("gate", "up", "down"), _EXPERT_NAMES):
+                t = canon.get(f"layers.{i}.shared.{part}") if S else None
+                if t is None:  # zero-width shared expert (n_shared_experts = 0)
+                    t = torch.zeros((H, 0) if part == "down" else (0, H), dtype=dtype)
+                out[f"{p}.shared_experts.{name}.weight"] = t
+        return out
+
+    def import_checkpoint(self, cfg: dict, hf: Tensors) -> ImportedModel:
+        check_common(cfg)
+        require(not cfg.get("use_qk_norm", False), "use_qk_norm",
+                "true: megasmoe's attention has no q/k norm")
+        groups, topk_group = cfg.get("n_group", 1), cfg.get("topk_group", 1)
+        require(groups == topk_group, "n_group/topk_group",
+                f"{groups}/{topk_group} limits routing to expert groups; megasmoe routes over "
+                f"all experts")
+        L, E, k = cfg["num_hidden_layers"], cfg["n_routed_experts"], cfg["num_experts_per_tok"]
+        require(bool(cfg.get("norm_topk_prob", True)) == (k > 1), "norm_topk_prob",
+                "megatron renormalises sigmoid scores exactly when num_experts_per_tok > 1")
+        first_dense = cfg.get("first_k_dense_replace", 0)
+        pattern = [i >= first_dense for i in range(L)]
+        model = common_model_overrides(cfg, cfg["hidden_size"], cfg["num_attention_heads"])
+        model["ffn_hidden_size"] = cfg["intermediate_size"]
+        I = cfg["moe_intermediate_size"]
+        S = I * (cfg.get("n_shared_experts") or 0)
+        canonical: dict = {}
+        self.import_common(hf, L, model["share_embeddings"], canonical)
+        biases = []
+        for i in range(L):
+            p = f"model.layers.{i}"
+            if cfg.get("attention_bias", False):
+                for proj in ("q", "k", "v"):
+                    require_zero(hf, f"{p}.self_attn.{proj}_proj.bias",
+                                 "megasmoe's attention has no bias")
+            if not pattern[i]:
+                for c, h in self.mlp(f"layers.{i}.mlp", f"{p}.mlp"):
+                    canonical[c] = hf.take(h)
+                continue
+            canonical[f"layers.{i}.router.weight"] = hf.take(f"{p}.mlp.gate.weight")
+            bias = hf.take(f"{p}.mlp.gate.e_score_correction_bias").float()
+            biases.append((i, bias))
+            self.import_experts(hf, i, E, f"{p}.mlp", _EXPERT_NAMES, canonical)
+            for part, name in zip(("gate", "up", "down"), _EXPERT_NAMES):
+                t = hf.take(f"{p}.mlp.shared_experts.{name}.weight")
+                if S:
+                    canonical[f"layers.{i}.shared.{part}"] = t
+        with_bias = any(bool(b.abs().max() != 0) for _, b in biases)
+        scaling = cfg.get("routed_scaling_factor", 1.0)
+        if with_bias:
+            router = {"name": "sigmoid_bias"}
+            for i, b in biases:
+                canonical[f"layers.{i}.router.expert_bias"] = b
+        else:
+            router = {"name": "topk", "score_function": "sigmoid"}
+        if scaling != 1.0:
+            router["topk_scaling_factor"] = float(scaling)
+        moe = {"num_experts": E, "topk": k, "ffn_hidden_size": I,
+               "layer_freq": layer_freq(pattern), "shared_expert_size": S, "router": router}
+        return ImportedModel({"model": model, "moe": moe}, canonical)

@@ -1,0 +1,162 @@
+"""Qwen2-MoE (``Qwen2MoeForCausalLM``): either softmax rule, shared expert, dense layers.
+
+Routing: softmax over all experts, top-k, renormalised when ``norm_topk_prob`` (=
+megatron pre_softmax=false) or not (= pre_softmax=true). Dense layers are listed in
+``mlp_only_layers``. Two Qwen2-MoE parts megasmoe lacks are written so that they act
+as identities, exactly:
+
+- q/k/v biases (``qkv_bias``, on by default and expected by other Qwen2-MoE readers):
+  written as zeros (x + 0 = x);
+- the shared expert's sigmoid gate: megasmoe's shared expert is ungated, so the gate
+  weight is written as zeros and the shared down projection doubled:
+  sigmoid(0) (2 W) h = W h exactly (scaling by powers of two is exact in floating
+  point). A megasmoe model without shared expert gets a zero-width one.
+
+On import, nonzero q/k/v biases or a nonzero shared-expert gate are refused (megasmoe
+has neither).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from megasmoe.convert.archs.base import (
+    Arch,
+    ImportedModel,
+    Tensors,
+    common_model_overrides,
+    layer_freq,
+    require_zero,
+)
+from megasmoe.convert.archs.checks import check_common, require
+from megasmoe.convert.errors import ConversionError
+from megasmoe.convert.megatron_layout import ModelShape
+from megasmoe.convert.routers import Routing
+
+__all__ = ["Qwen2Moe"]
+
+_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+
+def moe_layer_ids(cfg: dict) -> list[bool]:
+    """Qwen2-MoE's rule: layer i is sparse unless listed in mlp_only_layers, and when
+    (i + 1) % decoder_sparse_step == 0."""
+    step = cfg.get("decoder_sparse_step", 1) or 1
+    dense = set(cfg.get("mlp_only_layers") or [])
+    return [i not in dense and cfg["num_experts"] > 0 and (i + 1) % step == 0
+            for i in range(cfg["num_hidden_layers"])]
+
+
+class Qwen2Moe(Arch):
+    """Qwen2-MoE as a conversion target and source."""
+
+    name = "qwen2_moe"
+    model_type = "qwen2_moe"
+    architecture = "Qwen2MoeForCausalLM"
+    config_class = "Qwen2MoeConfig"
+
+    def unsupported(self, shape: ModelShape, routing: Routing, extra: dict) -> Optional[str]:
+        if routing.score_function != "softmax":
+            return f"moe.router.score_function={routing.score_function} (Qwen2-MoE uses softmax)"
+        if routing.selection_bias:
+            return "the router's expert bias (Qwen2-MoE has none)"
+        return None
+
+    def hf_config(self, shape: ModelShape, routing: Routing, extra: dict) -> dict:
+        return dict(
+            vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
+            intermediate_size=shape.ffn_hidden_size, num_hidden_layers=shape.num_layers,
+            num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_query_groups,
+            hidden_act="silu", max_position_embeddings=shape.seq_length,
+            rms_norm_eps=shape.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": float(shape.rope_base)},
+            use_sliding_window=False, max_window_layers=shape.num_layers,
+            decoder_sparse_step=1, moe_intermediate_size=shape.moe_ffn_hidden_size,
+            shared_expert_intermediate_size=shape.shared_expert_size,
+            num_experts_per_tok=routing.topk, num_experts=shape.num_experts,
+            norm_topk_prob=routing.normalize,
+            mlp_only_layers=[i for i, moe in enumerate(shape.moe_layers) if not moe],
+            qkv_bias=True, tie_word_embeddings=shape.tied, attention_dropout=0.0,
+            router_aux_loss_coef=extra.get("aux_loss_coeff", 0.0),
+        )
+
+    def export(self, canon: Tensors, shape: ModelShape, routing: Routing, extra: dict) -> dict:
+        out: dict = {}
+        self.export_common(canon, shape, out)
+        H, S = shape.hidden_size, shape.shared_expert_size
+        for i in range(shape.num_layers):
+            p = f"model.layers.{i}"
+            dtype = out[f"{p}.self_attn.q_proj.weight"].dtype
+            for proj in ("q", "k", "v"):
+                rows = out[f"{p}.self_attn.{proj}_proj.weight"].shape[0]
+                out[f"{p}.self_attn.{proj}_proj.bias"] = torch.zeros(rows, dtype=dtype)
+            if not shape.moe_layers[i]:
+                for c, h in self.mlp(f"layers.{i}.mlp", f"{p}.mlp"):
+                    out[h] = canon.take(c)
+                continue
+            out[f"{p}.mlp.gate.weight"] = canon.take(f"layers.{i}.gate.weight")
+            self.export_experts(canon, i, shape.num_experts, f"{p}.mlp", _EXPERT_NAMES, out,
+                                down_scale=routing.scaling)
+            sp = f"{p}.mlp.shared_expert"
+            if S:
+                out[f"{sp}.gate_proj.weight"] = canon.take(f"layers.{i}.shared.gate")
+                out[f"{sp}.up_proj.weight"] = canon.take(f"layers.{i}.shared.up")
+                down = canon.take(f"layers.{i}.shared.down")
+                gate = canon.get(f"layers.{i}.shared.gate_weight")
+                if gate is None:  # ungated: sigmoid(0) * (2 W) = W, exactly
+                    gate, down = torch.zeros(1, H, dtype=down.dtype), down * 2
+                out[f"{sp}.down_proj.weight"] = down
+                out[f"{p}.mlp.shared_expert_gate.weight"] = gate
+            else:
+                out[f"{sp}.gate_proj.weight"] = torch.zeros(0, H, dtype=dtype)
+                out[f"{sp}.up_proj.weight"] = torch.zeros(0, H, dtype=dtype)
+                out[f"{sp}.down_proj.weight"] = torch.zeros(H, 0, dtype=dtype)
+                out[f"{p}.mlp.shared_expert_gate.weight"] = torch.zeros(1, H, dtype=dtype)
+        return out
+
+    def import_checkpoint(self, cfg: dict, hf: Tensors) -> ImportedModel:
+        check_common(cfg)
+        require(not cfg.get("use_sliding_window", False), "use_sliding_window",
+                "true: megasmoe attends to the whole sequence")
+        L, E = cfg["num_hidden_layers"], cfg["num_experts"]
+        pattern = moe_layer_ids(cfg)
+        model = common_model_overrides(cfg, cfg["hidden_size"], cfg["num_attention_heads"])
+        model["ffn_hidden_size"] = cfg["intermediate_size"]
+        S = cfg.get("shared_expert_intermediate_size", 0) or 0
+        canonical: dict = {}
+        self.import_common(hf, L, model["share_embeddings"], canonical)
+        for i in range(L):
+            p = f"model.layers.{i}"
+            if cfg.get("qkv_bias", True):
+                for proj in ("q", "k", "v"):
+                    require_zero(hf, f"{p}.self_attn.{proj}_proj.bias",
+                                 "megasmoe's attention has no bias")
+            if not pattern[i]:
+                for c, h in self.mlp(f"layers.{i}.mlp", f"{p}.mlp"):
+                    canonical[c] = hf.take(h)
+                continue
+            canonical[f"layers.{i}.router.weight"] = hf.take(f"{p}.mlp.gate.weight")
+            self.import_experts(hf, i, E, f"{p}.mlp", _EXPERT_NAMES, canonical)
+            sp = f"{p}.mlp.shared_expert"
+            gate = hf.take(f"{p}.mlp.shared_expert_gate.weight")
+            if S:
+                if bool(gate.abs().max() != 0):
+                    raise ConversionError(
+                        f"{p}.mlp.shared_expert_gate.weight is not zero: megasmoe's shared "
+                        f"expert has no sigmoid gate (megatron's moe_shared_expert_gate is not "
+                        f"exposed as a megasmoe config field)")
+                canonical[f"layers.{i}.shared.gate"] = hf.take(f"{sp}.gate_proj.weight")
+                canonical[f"layers.{i}.shared.up"] = hf.take(f"{sp}.up_proj.weight")
+                # sigmoid(0) = 1/2 exactly: the ungated expert is W / 2, exactly.
+                canonical[f"layers.{i}.shared.down"] = hf.take(f"{sp}.down_proj.weight") / 2
+            else:
+                for n in ("gate_proj", "up_proj", "down_proj"):
+                    hf.get(f"{sp}.{n}.weight")  # zero-width: nothing to carry over
+        moe = {"num_experts": E, "topk": cfg["num_experts_per_tok"],
+               "ffn_hidden_size": cfg["moe_intermediate_size"], "layer_freq": layer_freq(pattern),
+               "shared_expert_size": S, "aux_loss_coeff": cfg.get("router_aux_loss_coef", 0.01),
+               "router": {"name": "topk", "score_function": "softmax",
+                          "pre_softmax": not cfg.get("norm_topk_prob", False)}}
+        return ImportedModel({"model": model, "moe": moe}, canonical)

@@ -1,0 +1,118 @@
+"""``megasmoe convert ...``: the command-line face of the converter.
+
+    convert to-hf RUN OUT [--allow-drop] [--tokenizer PATH] [--max-shard-size BYTES] [--no-check]
+    convert from-hf HF_DIR OUT_RUN [key=value ...]
+    convert verify RUN HF_DIR [--tokens FILE] [--batch B --length N --seed S]
+
+Errors print one line (``megasmoe: convert error: ...``) and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["add_subcommand", "main", "EXIT_ERROR"]
+
+EXIT_ERROR = 2
+
+
+def _run(fn):
+    def wrapped(args) -> int:
+        from megasmoe.checkpoint import CheckpointError
+        from megasmoe.config import ConfigError
+        from megasmoe.convert.errors import ConversionError
+
+        try:
+            return fn(args)
+        except (ConversionError, ConfigError, CheckpointError) as e:
+            print(f"megasmoe: convert error: {e}", file=sys.stderr)
+            return EXIT_ERROR
+
+    return wrapped
+
+
+@_run
+def _cmd_to_hf(args) -> int:
+    from megasmoe.convert.export import to_hf
+
+    report = to_hf(args.run, args.out, allow_drop=args.allow_drop, tokenizer=args.tokenizer,
+                   max_shard_size=args.max_shard_size, check=not args.no_check)
+    print(report.summary())
+    return 0
+
+
+@_run
+def _cmd_from_hf(args) -> int:
+    from megasmoe.convert.importer import from_hf
+
+    print(from_hf(args.hf_dir, args.out_run, args.overrides).summary())
+    return 0
+
+
+@_run
+def _cmd_verify(args) -> int:
+    from megasmoe.checkpoint import read_meta
+    from megasmoe.convert.reader import resolve_checkpoint
+    from megasmoe.convert.verify import random_token_ids, verify
+
+    if args.tokens:
+        with open(args.tokens) as f:
+            ids = json.load(f)
+    else:
+        vocab = read_meta(resolve_checkpoint(args.run))["config"]["model"]["vocab_size"]
+        ids = random_token_ids(vocab, args.batch, args.length, args.seed)
+    print(verify(args.run, args.hf_dir, ids).summary())
+    return 0
+
+
+def add_subcommand(subparsers) -> argparse.ArgumentParser:
+    """Register ``convert {to-hf,from-hf,verify}`` on an argparse subparsers object.
+
+    Each leaf sets ``fn`` (``args.fn(args)`` returns the exit code), like megasmoe's
+    other commands. Returns the ``convert`` parser.
+    """
+    conv = subparsers.add_parser("convert", help="Hugging Face export / import / parity check")
+    sub = conv.add_subparsers(dest="convert_command", required=True)
+
+    p = sub.add_parser("to-hf", help="export a checkpoint to a Hugging Face directory")
+    p.add_argument("run", help="run dir, checkpoints dir or iter_XXXXXXX dir (any layout)")
+    p.add_argument("out", help="output directory (new or empty)")
+    p.add_argument("--allow-drop", action="store_true",
+                   help="export even if some megatron tensors cannot be written (listed)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer file or dir (default: the run's, if any)")
+    p.add_argument("--max-shard-size", type=int, default=5 * 10**9, help="bytes per shard")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip loading the result with transformers (saves memory)")
+    p.set_defaults(fn=_cmd_to_hf)
+
+    p = sub.add_parser("from-hf", help="import a Hugging Face directory as a megasmoe run")
+    p.add_argument("hf_dir", help="local HF directory (config.json + safetensors)")
+    p.add_argument("out_run", help="new run directory")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for the new run")
+    p.set_defaults(fn=_cmd_from_hf)
+
+    p = sub.add_parser("verify", help="compare megasmoe and HF logits on the same tokens")
+    p.add_argument("run", help="run dir, checkpoints dir or iter_XXXXXXX dir")
+    p.add_argument("hf_dir", help="HF directory")
+    p.add_argument("--tokens", default=None, help="JSON file with token ids [[...], ...]")
+    p.add_argument("--batch", type=int, default=2, help="random sequences (no --tokens)")
+    p.add_argument("--length", type=int, default=33, help="tokens per random sequence")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
+    p.set_defaults(fn=_cmd_verify)
+    return conv
+
+
+def main(argv=None) -> int:
+    """``python -m megasmoe.convert ...`` (the same as ``megasmoe convert ...``)."""
+    parser = argparse.ArgumentParser(prog="python -m megasmoe.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_subcommand(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["convert"]:
+        argv = ["convert", *argv]
+    args = parser.parse_args(argv)
+    return args.fn(args)
