@@ -481,7 +481,7 @@ def test_interval_ranges(override, field):
 
 def test_unknown_data_source():
     msg = config_error(["data.source=web"])
-    assert "data.source='web'" in msg and "mock or indexed" in msg
+    assert "data.source='web'" in msg and "corpus, indexed or mock" in msg
 
 
 def test_indexed_data_needs_prefixes():
