@@ -39,6 +39,7 @@ def main(argv=None) -> int:
 
     from megasmoe import checkpoint as ckpt
     from megasmoe.config import load_config, validate
+    from megasmoe.training.data import resolve_data
     from megasmoe.training.distributed import destroy_distributed, init_distributed, is_main
     from megasmoe.training.trainer import Trainer
 
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
                   f"run.dir={root}", "checkpoint.resume=false"]
     cfg = validate(load_config(args.config, overrides),
                    int(os.environ["WORLD_SIZE"]) if launched else None)
+    resolve_data(cfg)
     init_distributed(cfg)
     if is_main() and root.exists():
         shutil.rmtree(root)

@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     from megasmoe import platform
     from megasmoe.config import load_config, validate
     from megasmoe.routers import registered_routers
+    from megasmoe.training.data import resolve_data
     from megasmoe.training.distributed import destroy_distributed, init_distributed
     from megasmoe.training.trainer import Trainer
 
@@ -61,6 +62,7 @@ def main(argv=None) -> int:
     for name in registered_routers():
         cfg = validate(load_config(args.config, [*base, f"moe.router.name={name}",
                                                  *extra.get(name, [])]), 1)
+        resolve_data(cfg)
         if not initialised:
             init_distributed(cfg)
             initialised = True

@@ -4,7 +4,7 @@
     .venv/bin/torchrun --nproc-per-node 2 bench/bench_train.py configs/tiny-cpu.yaml
 
 Times `--steps` training steps of the real Trainer after `--warmup` steps and reports
-tokens/s and, from hooks around every router (forward: pre/post hooks; backward: the
+tokens/s, the share of step time spent fetching data (goal < 2%) and, from hooks around every router (forward: pre/post hooks; backward: the
 gradient hooks on the router's output probs and its input), the router's forward +
 backward time as a share of the step time. Both numbers come from the same run.
 Without torchrun it runs as one process (parallel.world_size=1, parallel.ep=1 are
@@ -75,6 +75,7 @@ def main(argv=None) -> int:
 
     from megasmoe.config import load_config, validate
     from megasmoe.training import telemetry
+    from megasmoe.training.data import resolve_data
     from megasmoe.training.distributed import destroy_distributed, init_distributed, is_main
     from megasmoe.training.trainer import Trainer
 
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
                   "logging.tensorboard=false", "run.dir=/tmp/megasmoe-bench"]
     cfg = validate(load_config(args.config, overrides),
                    int(os.environ["WORLD_SIZE"]) if launched else None)
+    resolve_data(cfg)
     init_distributed(cfg)
     trainer = Trainer(cfg)
     trainer._train_iters = trainer._iterators(trainer.train_ds, 0)
@@ -94,6 +96,25 @@ def main(argv=None) -> int:
     for _ in range(args.warmup):
         trainer.train_step()
     timer = RouterTimer(telemetry.routers(trainer.unwrapped))
+    data_seconds = [0.0]
+
+    class TimedIterator:
+        """Counts the time spent fetching micro batches from the data loader."""
+
+        def __init__(self, it):
+            self.it = it
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            start = time.perf_counter()
+            try:
+                return next(self.it)
+            finally:
+                data_seconds[0] += time.perf_counter() - start
+
+    trainer._train_iters = [TimedIterator(it) for it in trainer._train_iters]
     start = time.perf_counter()
     for _ in range(args.steps):
         trainer.train_step()
@@ -109,6 +130,7 @@ def main(argv=None) -> int:
         "step_time_s": elapsed / args.steps,
         "tokens_per_sec": args.steps * t.global_batch_size * t.seq_length / elapsed,
         "router_share": timer.seconds / elapsed,
+        "data_loader_share": data_seconds[0] / elapsed,
     }
     if is_main():
         print(json.dumps(result, indent=1))
