@@ -33,6 +33,7 @@ __all__ = [
     "decoder_block_spec",
     "build_model_chunks",
     "layout_invariant_init",
+    "sharded_tensors",
 ]
 
 
@@ -214,15 +215,16 @@ def mark_expert_params(model: torch.nn.Module) -> None:
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
 
 
-def _sharded_tensors(tree):
+def sharded_tensors(tree):
+    """Every ShardedTensor in a (nested) sharded state dict, factories built."""
     if isinstance(tree, dict):
         for value in tree.values():
-            yield from _sharded_tensors(value)
+            yield from sharded_tensors(value)
     elif isinstance(tree, (list, tuple)):
         for value in tree:
-            yield from _sharded_tensors(value)
+            yield from sharded_tensors(value)
     elif isinstance(tree, ShardedTensorFactory):
-        yield from _sharded_tensors(tree.build())
+        yield from sharded_tensors(tree.build())
     elif isinstance(tree, ShardedTensor):
         yield tree
 
@@ -242,7 +244,7 @@ def layout_invariant_init(chunks: list, seed: int, std: float, num_layers: int) 
     """
     out_std = std / (2.0 * num_layers) ** 0.5
     for chunk in chunks:
-        for sh in _sharded_tensors(chunk.sharded_state_dict()):
+        for sh in sharded_tensors(chunk.sharded_state_dict()):
             data = sh.data
             custom = getattr(data, "megasmoe_init", None)
             if data is None or not data.is_floating_point() or (data.dim() < 2 and not custom):

@@ -108,18 +108,10 @@ def copy_hf_tokenizer(hf_dir: Path, run_dir: Path, notes: list):
 
 
 def _sharded_tensors(tree):
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    # One walker for the whole project: megasmoe.model's.
+    from megasmoe.model import sharded_tensors
 
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from _sharded_tensors(value)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            yield from _sharded_tensors(value)
-    elif isinstance(tree, ShardedTensorFactory):
-        yield from _sharded_tensors(tree.build())
-    elif isinstance(tree, ShardedTensor):
-        yield tree
+    return sharded_tensors(tree)
 
 
 @torch.no_grad()
