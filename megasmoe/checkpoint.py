@@ -29,6 +29,7 @@ layouts), which is logged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -253,11 +254,15 @@ def build_sharded_state_dict(trainer, is_loading: bool, with_rng: bool = True) -
         sd = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
         state[_model_key(i, len(chunks))] = sd
         model_sd.update(sd)
-    if is_loading:
-        _prepare_optimizer_for_loading(trainer.optimizer)
+    added = _prepare_optimizer_for_loading(trainer.optimizer) if is_loading else []
     state["optimizer"] = trainer.optimizer.sharded_state_dict(
         model_sd, is_loading=is_loading, metadata=SHARDING_METADATA
     )
+    for st in added:
+        # The distributed optimizer restores its step from the param groups and copies
+        # exactly the per-parameter tensors it loads: a placeholder 'step' would be
+        # looked up in the checkpoint (KeyError 'step').
+        st.pop("step", None)
     state["scheduler"] = trainer.scheduler.state_dict()
     if with_rng:
         state["rng"] = ShardedObject("rng_state", _rng_state(), (dist.get_world_size(),),
@@ -265,13 +270,17 @@ def build_sharded_state_dict(trainer, is_loading: bool, with_rng: bool = True) -
     return state
 
 
-def _prepare_optimizer_for_loading(optimizer) -> None:
+def _prepare_optimizer_for_loading(optimizer) -> list:
     """Give a fresh optimizer the state layout a checkpoint will fill in.
 
     megatron-core 0.16.1's distributed optimizer asserts one 'step' value across its
     parameter states, which a fresh optimizer does not have yet; create zero Adam
-    states (exp_avg, exp_avg_sq, step) exactly like the first step would.
+    states (exp_avg, exp_avg_sq, step) exactly like the first step would. Returns the
+    distributed optimizer's per-parameter states that got a placeholder step.
     """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    added = []
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = opt.optimizer
         opt.init_state_fn(inner, getattr(opt, "config", None))
@@ -280,6 +289,55 @@ def _prepare_optimizer_for_loading(optimizer) -> None:
                 st = inner.state[p]
                 if "step" not in st:
                     st["step"] = torch.zeros((), dtype=torch.float32)
+                    if isinstance(opt, DistributedOptimizer):
+                        added.append(st)
+    return added
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Give every parameter its own Adam ``step`` tensor.
+
+    megatron-core 0.16.1's distributed optimizer (non-Apex/TE path) restores one step
+    tensor shared by all parameter states; torch Adam increments it in place once per
+    parameter, so the bias correction after a resume would be wrong.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for st in opt.optimizer.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+
+
+@contextlib.contextmanager
+def _distributed_optimizer_step_fix():
+    """Work around megatron-core 0.16.1's distributed-optimizer load without Apex/TE.
+
+    ``DistributedOptimizer.load_state_dict`` adds a torch-Adam ``step`` to every state
+    (the non-Apex/TE path), then ``_set_main_param_and_optimizer_states`` copies every
+    state key from the loaded tensors, which carry no ``step``: KeyError 'step'. During
+    the load, the step is set aside and restored after each copy.
+    """
+    from megatron.core.optimizer import distrib_optimizer as do
+
+    if getattr(do, "HAVE_APEX_OR_TE", True):
+        yield
+        return
+    original = do.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None) if "step" not in tensors else None
+        try:
+            original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    do.DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        do.DistributedOptimizer._set_main_param_and_optimizer_states = original
 
 
 def _strategies(trainer):
@@ -452,7 +510,9 @@ def load_checkpoint(trainer, ckpt_dir: Path) -> Resumed:
     chunks = trainer.unwrapped
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)
-    trainer.optimizer.load_state_dict(loaded["optimizer"])
+    with _distributed_optimizer_step_fix():
+        trainer.optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(trainer.optimizer)
     trainer.scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng"])
@@ -555,7 +615,7 @@ def inspect_checkpoint(path: Path, check_values: bool = True) -> dict:
     tensors = {}
     for key, sh in dist_checkpointing.load_tensors_metadata(str(ckpt_dir)).items():
         tensors[key] = (tuple(sh.global_shape), str(sh.dtype).replace("torch.", ""))
-    if check_values:
+    if check_values and not incomplete:  # a truncated file cannot be read back at all
         for key, value in _flatten(load_full_tensors(ckpt_dir)):
             if torch.is_tensor(value) and value.is_floating_point():
                 bad = (~torch.isfinite(value)).sum().item()
