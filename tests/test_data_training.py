@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import pytest
 import torch
 
 from megasmoe.config import load_config, validate
-from megasmoe.data import preprocess_documents
 from megasmoe.training.data import batch_iterator, build_datasets, resolve_data
 
 
@@ -25,36 +23,6 @@ def _cfg(*overrides, world=1):
 def corpus_cfg(tmp_path_factory):
     cfg = _cfg(f"run.dir={tmp_path_factory.mktemp('run')}")
     return resolve_data(cfg)
-
-
-@pytest.fixture(scope="module")
-def two_prefixes(corpus_cfg, tmp_path_factory):
-    """Two indexed datasets with tokens from disjoint ranges, so a sample tells its source."""
-    root = tmp_path_factory.mktemp("blend")
-    tok = corpus_cfg.data.tokenizer
-    from megasmoe.data import corpus_documents
-
-    docs = corpus_documents("train")
-    a = preprocess_documents(docs[: len(docs) // 2], root / "a", tok, progress=False)
-    b = preprocess_documents(docs[len(docs) // 2:], root / "b", tok, progress=False)
-    assert a["documents"] and b["documents"]
-    return str(root / "a"), str(root / "b")
-
-
-def test_blend_shares_follow_weights(two_prefixes, tmp_path):
-    cfg = _cfg("data.source=indexed", f"data.prefixes=[{two_prefixes[0]},{two_prefixes[1]}]",
-               "data.weights=[0.7,0.3]", "train.steps=125", f"run.dir={tmp_path}")
-    resolve_data(cfg)
-    train, _, _ = build_datasets(cfg)
-    ids = np.asarray(train.dataset_index[:1000])
-    assert len(ids) == 1000
-    share_a = float((ids == 0).mean())
-    assert abs(share_a - 0.7) < 0.05 and abs((1 - share_a) - 0.3) < 0.05, share_a
-    # The samples really come from the datasets the index says.
-    for i in range(5):
-        ds = train.datasets[int(train.dataset_index[i])]
-        want = ds[int(train.dataset_sample_index[i])]["tokens"]
-        assert torch.equal(torch.as_tensor(train[i]["tokens"]), torch.as_tensor(want))
 
 
 def test_corpus_splits_are_held_out(corpus_cfg):
