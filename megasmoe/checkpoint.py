@@ -249,14 +249,13 @@ def build_sharded_state_dict(trainer, is_loading: bool, with_rng: bool = True) -
 
     chunks = trainer.unwrapped
     state: dict = {}
-    model_sd: dict = {}
     for i, chunk in enumerate(chunks):
-        sd = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
-        state[_model_key(i, len(chunks))] = sd
-        model_sd.update(sd)
+        state[_model_key(i, len(chunks))] = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
     added = _prepare_optimizer_for_loading(trainer.optimizer) if is_loading else []
+    # Hand the optimizer every model chunk, nested: virtual-pipeline chunks reuse local
+    # keys ("decoder.layers.0..."), so flattening them into one dict would drop params.
     state["optimizer"] = trainer.optimizer.sharded_state_dict(
-        model_sd, is_loading=is_loading, metadata=SHARDING_METADATA
+        dict(state), is_loading=is_loading, metadata=SHARDING_METADATA
     )
     for st in added:
         # The distributed optimizer restores its step from the param groups and copies

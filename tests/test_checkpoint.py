@@ -270,12 +270,14 @@ RESHARD = {
     "ws1": (WS1, 1),
     "tp2_sp": (["parallel.ep=1", "parallel.tp=2", "parallel.sp=true"], 2),
     "pp2": (["parallel.ep=1", "parallel.pp=2"], 2),
+    # Interleaved pipeline: the model is a list of chunks stored as model0/model1.
+    "pp2_vpp2": (["parallel.ep=1", "parallel.pp=2", "parallel.vpp=2"], 2),
 }
 
 
 @pytest.mark.parametrize("layout", sorted(RESHARD))
 def test_resume_on_another_layout(layout, ref_ep2, tmp_path):
-    """EP=2's step-10 checkpoint at world size 1 / TP=2+SP / PP=2: same step-11 loss.
+    """EP=2's step-10 checkpoint at world size 1 / TP=2+SP / PP=2 / PP=2+VPP: same loss.
 
     Step 12 (after one optimizer step with the loaded Adam state) within 1e-3.
     """
