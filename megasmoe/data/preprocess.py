@@ -191,8 +191,12 @@ DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
                6: np.float64, 7: np.float32, 8: np.uint16}
 
 
-def check_indexed_dataset(prefix: str | Path) -> None:
-    """DataError unless ``<prefix>.bin`` and ``.idx`` exist, parse, and agree in size."""
+def check_indexed_dataset(prefix: str | Path) -> int:
+    """DataError unless ``<prefix>.bin`` and ``.idx`` exist, parse, and agree in size.
+
+    Returns the number of sequences (one per document as written by ``preprocess``):
+    the count megatron's dataset builder splits into train/valid/test.
+    """
     prefix = Path(str(prefix).removesuffix(".bin").removesuffix(".idx"))
     bin_path, idx_path = _paths(prefix)
     fix = f"re-run `megasmoe preprocess` to rebuild {prefix}.bin/.idx"
@@ -219,6 +223,7 @@ def check_indexed_dataset(prefix: str | Path) -> None:
         what = "truncated" if have_bin < want_bin else "longer than its index"
         raise DataError(f"{bin_path}: {what} ({have_bin} bytes, {idx_path.name} says "
                         f"{want_bin}); {fix}")
+    return int(n_seq)
 
 
 # ---- command line -------------------------------------------------------------------------

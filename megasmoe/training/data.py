@@ -66,11 +66,37 @@ def resolve_data(cfg: Config) -> Config:
         d.prefixes = [str(built[s]) for s in ("train", "valid", "test")]
         d.tokenizer = str(built["tokenizer"])
     if d.source in ("corpus", "indexed"):
-        for prefix in d.prefixes:
-            check_indexed_dataset(prefix)
+        sizes = {prefix: check_indexed_dataset(prefix) for prefix in d.prefixes}
+        if d.source == "indexed":
+            check_split(d.split, sizes)
         if d.tokenizer:
             check_vocab(load_tokenizer(d.tokenizer), cfg.model.vocab_size)
     return cfg
+
+
+def check_split(split: str, sizes: dict[str, int]) -> None:
+    """DataError if ``split`` leaves a used split of some prefix without documents.
+
+    Mirrors how megatron's BlendedMegatronDatasetBuilder cuts each prefix (rounded
+    document ranges): an empty range with a non-zero share makes megatron-core 0.16.1's
+    GPTDataset loop forever (``_get_num_epochs`` on a zero-token epoch), so refuse it here.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+
+    from megasmoe.data import DataError
+
+    names = ("train", "valid", "test")
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for prefix, n in sizes.items():
+        for name, bounds in zip(names, matrix):
+            if bounds is None:
+                continue
+            beg, end = (int(round(b * float(n))) for b in bounds)
+            if end <= beg:
+                raise DataError(
+                    f"data.split={split}: the {name} split of {prefix} gets none of its {n} "
+                    f"documents; give {name} a larger share (e.g. data.split=90,5,5) or 0")
 
 
 def load_run_tokenizer(cfg: Config):
