@@ -108,6 +108,9 @@ class ModelConfig:
     """Tie input embedding and output layer weights."""
     dropout: float = 0.0
     """Hidden and attention dropout."""
+    qk_norm: str = "none"
+    """RMSNorm of queries and keys before RoPE: none, or full (over the whole q / k
+    projection, all heads at once, as in OLMoE)."""
 
 
 @dataclass
@@ -322,7 +325,7 @@ def field_docs(cls: type) -> dict[str, str]:
             and isinstance(nxt.value, ast.Constant)
             and isinstance(nxt.value.value, str)
         ):
-            docs[node.target.id] = nxt.value.value.strip()
+            docs[node.target.id] = " ".join(nxt.value.value.split())  # one line per field
     return docs
 
 
@@ -510,6 +513,22 @@ def resolve_world(cfg: Config, world_size: Optional[int] = None) -> Config:
     return cfg
 
 
+def _check_split(split: str) -> None:
+    """data.split: up to three non-negative shares with a train and a valid part."""
+    fix = "write train,valid,test shares such as 969,30,1"
+    parts = [p.strip() for p in str(split).split(",")]
+    try:
+        shares = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"data.split={split!r} is not a list of numbers; {fix}") from None
+    _require(len(shares) <= 3 and all(s >= 0 for s in shares),
+             f"data.split={split!r} needs at most three non-negative shares; {fix}")
+    shares += [0.0] * (3 - len(shares))
+    # Evaluation runs at the end of every run (eval_iters >= 1), so valid cannot be empty.
+    _require(shares[0] > 0 and shares[1] > 0,
+             f"data.split={split!r} leaves the train or valid split empty; {fix}")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     """Check a config before any process group starts; fills derived fields.
 
@@ -548,6 +567,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         f"model.num_query_groups={groups} must divide num_heads={m.num_heads} and be "
         f"divisible by parallel.tp={p.tp}",
     )
+    _require(m.qk_norm in ("none", "full"),
+             f"model.qk_norm={m.qk_norm!r} is unknown; use none or full")
     _require(
         m.hidden_size % m.num_heads == 0,
         f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
@@ -579,6 +600,14 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         f"moe.dispatcher='{e.dispatcher}' is unknown; use allgather, alltoall or flex"
         f"{_nearest(e.dispatcher, ['allgather', 'alltoall', 'flex'])}",
     )
+    if e.dispatcher == "flex":
+        # megatron's flex dispatcher runs on DeepEP's CUDA kernels only; without them it
+        # fails deep inside the first forward pass.
+        _require(
+            importlib.util.find_spec("deep_ep") is not None,
+            "moe.dispatcher=flex needs DeepEP (the deep_ep package, NVIDIA GPUs), which is "
+            "not installed here; use moe.dispatcher=alltoall (same routing, dropless)",
+        )
     _require(
         e.aux_loss_type in ("aux_loss", "seq_aux_loss", "global_aux_loss", "none"),
         f"moe.aux_loss_type='{e.aux_loss_type}' is unknown; use aux_loss, seq_aux_loss, "
@@ -663,5 +692,6 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         _require(cfg.data.weights is None or len(cfg.data.weights) == len(cfg.data.prefixes),
                  f"data.weights has {len(cfg.data.weights or [])} entries for "
                  f"{len(cfg.data.prefixes)} data.prefixes; give one weight per prefix")
+        _check_split(cfg.data.split)
     router_config_for(cfg)  # router name and its fields
     return cfg

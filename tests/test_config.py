@@ -426,6 +426,21 @@ def test_unknown_dispatcher_with_suggestion():
     assert "allgather, alltoall or flex" in msg
 
 
+def test_flex_dispatcher_without_deepep_is_refused(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deep_ep" else real(name, *a))
+    msg = config_error(["moe.dispatcher=flex"])
+    assert msg.startswith("moe.dispatcher=flex needs DeepEP") and "alltoall" in msg
+
+
+def test_qk_norm_values():
+    assert "model.qk_norm='head' is unknown; use none or full" in config_error(
+        ["model.qk_norm=head"])
+
+
 def test_unknown_aux_loss_type():
     msg = config_error(["moe.aux_loss_type=balance"])
     assert "moe.aux_loss_type='balance'" in msg and "seq_aux_loss" in msg
