@@ -27,6 +27,8 @@ from megasmoe.routers import router_config_for, router_spec
 
 __all__ = [
     "RMSNorm",
+    "FullWidthQNorm",
+    "FullWidthKNorm",
     "te_available",
     "padded_vocab_size",
     "to_transformer_config",
@@ -65,6 +67,74 @@ class RMSNorm(torch.nn.Module):
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * self.weight.float()).to(x.dtype)
+
+
+class _FullWidthNorm(torch.nn.Module):
+    """RMSNorm over all heads of a query or key projection (OLMoE's q_norm / k_norm).
+
+    megatron's ``qk_layernorm`` normalises each head on its own; OLMoE normalises the
+    whole projection (heads x head_dim) per token. Attention hands the norm this
+    rank's heads, [..., heads, head_dim]; under tensor parallelism the per-token sum
+    of squares is all-reduced over the TP group (an all-reduce whose backward is an
+    all-reduce, so every rank's gradient sees all heads). The weight is sharded over TP
+    like the heads, so megatron's TP all-reduce of q/k-norm gradients must stay off
+    (``qk_layernorm=False`` in the TransformerConfig; this module is placed in the spec
+    directly).
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
+                 **kwargs):
+        super().__init__()
+        self.eps = eps
+        self.head_dim = hidden_size  # megatron passes the per-head size
+        self.tp = config.tensor_model_parallel_size
+        self.full_width = self._heads(config) * hidden_size
+        local = self.full_width // self.tp
+        self.weight = torch.nn.Parameter(torch.ones(local, dtype=config.params_dtype))
+        # Each TP rank holds the slice of its heads (contiguous, like the heads).
+        setattr(self.weight, "tensor_model_parallel", True)
+        setattr(self.weight, "partition_dim", 0)
+        setattr(self.weight, "partition_stride", 1)
+
+    @staticmethod
+    def _heads(config: TransformerConfig) -> int:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise [..., heads, head_dim] over (heads, head_dim) of all TP ranks."""
+        xf = x.float()
+        sq = xf.pow(2).sum(dim=(-2, -1), keepdim=True)
+        if self.tp > 1:
+            from torch.distributed.nn.functional import all_reduce
+
+            sq = all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
+        normed = xf * torch.rsqrt(sq / self.full_width + self.eps)
+        weight = self.weight.float().view(-1, self.head_dim)
+        return (normed * weight).to(x.dtype)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None) -> dict:
+        """The weight as one global [heads x head_dim] tensor, TP-sharded on axis 0."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0}, sharded_offsets)
+
+
+class FullWidthQNorm(_FullWidthNorm):
+    """Full-width RMSNorm of the queries (all attention heads)."""
+
+    @staticmethod
+    def _heads(config: TransformerConfig) -> int:
+        return config.num_attention_heads
+
+
+class FullWidthKNorm(_FullWidthNorm):
+    """Full-width RMSNorm of the keys (all key/value groups)."""
+
+    @staticmethod
+    def _heads(config: TransformerConfig) -> int:
+        return config.num_query_groups or config.num_attention_heads
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
@@ -162,6 +232,9 @@ def decoder_block_spec(tc: TransformerConfig, cfg: Config, vp_stage: Optional[in
         if not use_te:
             sub.input_layernorm = RMSNorm
             sub.pre_mlp_layernorm = RMSNorm
+        if cfg.model.qk_norm == "full":
+            attn = sub.self_attention.submodules
+            attn.q_layernorm, attn.k_layernorm = FullWidthQNorm, FullWidthKNorm
         if getattr(sub.mlp, "module", None) is MoELayer:
             sub.mlp.submodules.router = router
         layers.append(spec)

@@ -2,12 +2,13 @@
 
 Real transformers, CPU, fp32. The expensive parts are module fixtures, built once:
 
-* the tiny model trained 10 steps at EP=2, TP=2+SP and PP=2 (torchrun, gloo), and a
-  mixed variant at PP=2 (dense layer, shared expert, top-k of softmax, GQA, padded
-  vocabulary), each exported to HF with its data tokenizer: logits within 1e-4 of
+* the tiny model trained 10 steps at EP=2, TP=2+SP with full-width q/k norms (exported
+  as OLMoE) and TP=2+SP+PP=2 (torchrun, gloo), and a mixed variant at PP=2 (dense
+  layer, shared expert, top-k of softmax, GQA, padded vocabulary), each exported to HF
+  with its data tokenizer: logits within 1e-4 of
   megasmoe's on the same tokens, every next token the same, the same loss within 1e-4;
   damaged copies of the EP=2 checkpoint are refused, naming the missing expert shard;
-* tiny randomly initialised Mixtral, Qwen2-MoE and GLM4-MoE built with transformers'
+* tiny randomly initialised Mixtral, Qwen2-MoE, GLM4-MoE and OLMoE built with transformers'
   config classes: HF -> megasmoe -> HF is bitwise identical per tensor, megasmoe's
   logits match the source's, and training resumes from the import (EP=2);
 * one small untrained megasmoe checkpoint per router / config (built in-process at
@@ -33,7 +34,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, FAST, read_metrics, run_megasmoe
+from conftest import FAST, REPO, read_metrics, run_megasmoe
 from megasmoe.convert import ConversionError, add_subcommand, from_hf, to_hf, verify
 from megasmoe.convert.verify import random_token_ids
 
@@ -43,8 +44,10 @@ SAMPLE_TEXT = ("Sparse mixture of experts routes every token to a few experts. T
 TRAIN = [*FAST, "train.steps=10"]
 LAYOUTS = {
     "ep2": ["parallel.ep=2"],
-    "tp2": ["parallel.ep=1", "parallel.tp=2", "parallel.sp=true"],
-    "pp2": ["parallel.ep=1", "parallel.pp=2"],
+    # Full-width q/k norms (TP-sharded weights): OLMoE.
+    "tp2_qknorm": ["parallel.ep=1", "parallel.tp=2", "parallel.sp=true", "model.qk_norm=full"],
+    "tp2_pp2": ["parallel.world_size=4", "parallel.ep=1", "parallel.tp=2", "parallel.sp=true",
+                "parallel.pp=2"],
     # Per-layer checkpoint keys split over two stages, a dense layer, a shared expert,
     # top-k of softmax, GQA and a padded vocabulary (4000 -> 4096): Qwen2-MoE.
     "pp2_mixed": ["parallel.ep=1", "parallel.pp=2", "moe.layer_freq=[1,0,1,1]",
@@ -110,8 +113,10 @@ class TrainedRuns:
     def run(self, layout: str) -> Path:
         run_dir = self.root / layout
         if not (run_dir / "checkpoints" / "latest").exists():
+            overrides = LAYOUTS[layout]
+            nproc = 4 if "parallel.world_size=4" in overrides else 2
             run_megasmoe(["pretrain", "configs/tiny-cpu.yaml", *TRAIN, f"run.dir={run_dir}",
-                          *LAYOUTS[layout]], nproc=2)
+                          *overrides], nproc=nproc)
         return run_dir
 
     def export(self, layout: str):
@@ -135,7 +140,8 @@ def test_export_matches_megasmoe_logits_and_loss(trained, layout):
     report = trained.export(layout)
     out = report.out_dir
     mixed = layout == "pp2_mixed"
-    architecture = "Qwen2MoeForCausalLM" if mixed else "MixtralForCausalLM"
+    architecture = ("Qwen2MoeForCausalLM" if mixed else "OlmoeForCausalLM"
+                    if layout == "tp2_qknorm" else "MixtralForCausalLM")
     assert report.architecture == architecture
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
@@ -253,8 +259,14 @@ def build_hf(kind: str, **changes):
                 layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(4, generator=gen) / 10)
         return model
     if kind == "olmoe":
-        return tf.OlmoeForCausalLM(tf.OlmoeConfig(
+        model = tf.OlmoeForCausalLM(tf.OlmoeConfig(
             **common, intermediate_size=32, num_experts=4, num_experts_per_tok=2, **changes))
+        with torch.no_grad():  # per-channel q/k norm weights, so their layout matters
+            gen = torch.Generator().manual_seed(2)
+            for layer in model.model.layers:
+                for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                    norm.weight.copy_(1 + torch.randn(norm.weight.shape, generator=gen) / 4)
+        return model
     raise ValueError(kind)
 
 
@@ -301,6 +313,9 @@ ROUND_TRIP = {
     "qwen2_moe": ("Qwen2MoeForCausalLM", {"name": "topk", "score_function": "softmax",
                                           "pre_softmax": True}),
     "glm4_moe": ("Glm4MoeForCausalLM", {"name": "sigmoid_bias", "topk_scaling_factor": 2.5}),
+    # OLMoE's full-width q/k norms: megasmoe's model.qk_norm=full.
+    "olmoe": ("OlmoeForCausalLM", {"name": "topk", "score_function": "softmax",
+                                   "pre_softmax": True}),
 }
 
 
@@ -331,36 +346,23 @@ def test_hf_round_trip_is_bitwise_and_logits_match(round_trips, kind):
 
 
 def test_training_resumes_from_an_import(round_trips, tmp_path):
-    """launch-equivalent: megasmoe pretrain on the import's config.yaml, EP=2, 3 steps.
+    """``bash launch/pretrain.sh <import>/config.yaml`` continues training the import.
 
-    Uses the load_checkpoint change docs/conversion.md proposes (weights-only
-    checkpoints go to ``load_weights_only``), applied by a driver script.
+    The import is a weights-only checkpoint at step 0: the trainer loads the weights
+    (resharded to EP=2), starts a fresh optimizer, and runs 3 steps at EP=2.
     """
     _, run, _, _, _ = round_trips.get("mixtral")
     run_dir = tmp_path / "continued"
     shutil.copytree(run, run_dir)
     config = (run_dir / "config.yaml").read_text().replace(f"dir: {run}", f"dir: {run_dir}")
     (run_dir / "config.yaml").write_text(config)
-    driver = tmp_path / "pretrain_weights_only.py"
-    driver.write_text(
-        "import sys\n"
-        "from megasmoe import checkpoint as ckpt\n"
-        "from megasmoe.convert.weights_only import is_weights_only, load_weights_only\n"
-        "_load = ckpt.load_checkpoint\n"
-        "def load_checkpoint(trainer, ckpt_dir):\n"
-        "    if is_weights_only(ckpt.read_meta(ckpt_dir)):\n"
-        "        return load_weights_only(trainer, ckpt_dir)\n"
-        "    return _load(trainer, ckpt_dir)\n"
-        "if __name__ == '__main__':\n"
-        "    ckpt.load_checkpoint = load_checkpoint\n"
-        "    from megasmoe.cli import main\n"
-        "    sys.exit(main(sys.argv[1:]))\n")
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", str(driver), "pretrain",
-           str(run_dir / "config.yaml"), "train.steps=3", "train.warmup_steps=1",
-           "train.log_interval=1", "train.eval_interval=0", "train.eval_iters=1",
-           "train.seq_length=32", "parallel.ep=2", "logging.progress=false"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = ["bash", "launch/pretrain.sh", str(run_dir / "config.yaml"), "train.steps=3",
+           "train.warmup_steps=1", "train.log_interval=1", "train.eval_interval=0",
+           "train.eval_iters=1", "train.seq_length=32", "parallel.world_size=2",
+           "parallel.ep=2", "logging.progress=false"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**env, "OMP_NUM_THREADS": "1", "MEGASMOE_LAUNCH": "local"})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert f"resumed from {run_dir}/checkpoints/iter_0000000 at step 0" in out
@@ -370,7 +372,7 @@ def test_training_resumes_from_an_import(round_trips, tmp_path):
 
 
 @pytest.mark.parametrize("kind, changes, message", [
-    ("olmoe", {}, r"olmoe: self_attn\.q_norm/k_norm"),
+    ("olmoe", {"clip_qkv": 8.0}, r"^clip_qkv: 8\.0"),
     ("qwen2_moe", {"keep_shared_gate": True}, r"shared_expert_gate\.weight is not zero"),
     ("mixtral", {"sliding_window": 16}, r"^sliding_window: 16"),
     ("mixtral", {"hidden_act": "gelu"}, r"^hidden_act: 'gelu'"),

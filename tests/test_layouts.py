@@ -54,6 +54,27 @@ def test_interleaved_pipeline_matches(reference, tmp_path):
         assert abs(losses[step] - reference[step]) < 1e-3, (step, losses, reference)
 
 
+def test_full_width_qk_norm_tp2_matches_world_size_1(reference, tmp_path):
+    """OLMoE-style q/k norms (model.qk_norm=full) at TP=2+SP: each rank holds half of the
+    heads and of the norm weights, the per-token statistic is all-reduced over TP.
+
+    Same losses and gradient norms as world size 1 (a wrong backward through the
+    all-reduce, or megatron's TP all-reduce of q/k-norm grads, would change them).
+    """
+    qk = ["model.qk_norm=full"]
+    ws1 = pretrain(tmp_path, "qk_ws1", [*STEPS, *WS1, *qk], nproc=1)
+    tp2 = pretrain(tmp_path, "qk_tp2", [*STEPS, *LAYOUTS["tp2_sp"], *qk], nproc=2)
+    want, got = train_losses(ws1), train_losses(tp2)
+    # The norms are really there: training departs from the run without them.
+    assert max(abs(want[s] - reference[s]) for s in range(1, 6)) > 1e-3, (want, reference)
+    assert abs(got[1] - want[1]) < 1e-5, (got[1], want[1])
+    grad = {d: {r["step"]: r["train/grad_norm"] for r in read_metrics(d) if "train/loss" in r}
+            for d in (ws1, tp2)}
+    for step in range(1, 6):
+        assert abs(got[step] - want[step]) < 1e-3, (step, got, want)
+        assert abs(grad[tp2][step] - grad[ws1][step]) <= 1e-4 * grad[ws1][step], (step, grad)
+
+
 def test_distributed_optimizer_dp2_matches(reference, tmp_path):
     """The distributed optimizer (state sharded over DP=2, EP=2) trains like world size 1."""
     losses = train_losses(pretrain(

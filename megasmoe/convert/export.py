@@ -3,7 +3,7 @@
 Steps, all on one CPU process: read and check the checkpoint (reader.py); megatron
 tensors -> canonical per-layer tensors (megatron_layout.py); each MoE layer's router ->
 a plain gate by the router's exporter (routers.py); pick the first architecture that
-holds the model exactly (archs/: Mixtral, then Qwen2-MoE, then GLM4-MoE); write
+holds the model exactly (archs/: Mixtral, Qwen2-MoE, GLM4-MoE, OLMoE); write
 sharded safetensors + index, config.json, generation_config.json and the tokenizer;
 then load the result with transformers and require that every tensor was filled and
 none was left over. Every megatron tensor must be written: one that is not is an

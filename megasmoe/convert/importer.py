@@ -133,14 +133,14 @@ def fill_model(chunks: list, canonical: dict, shape: ModelShape) -> None:
 
 
 def from_hf(hf_dir: str | Path, out_run: str | Path, overrides: Sequence[str] = ()) -> ImportReport:
-    """Import an HF Mixtral / Qwen2-MoE / GLM4-MoE directory as a megasmoe run.
+    """Import an HF Mixtral / Qwen2-MoE / GLM4-MoE / OLMoE directory as a megasmoe run.
 
     ``overrides``: ``key=value`` config overrides for the new run (layout, training).
     Refuses (ConversionError, naming the HF field or tensor) anything megasmoe's model
-    would not reproduce exactly; OLMoE is refused for its q/k norms. The HF tokenizer is
-    copied to ``<out_run>/tokenizer/`` and named in data.tokenizer. In a script, call it
-    under ``if __name__ == "__main__":`` (megatron's checkpoint writer starts a
-    spawn-method helper process, which re-imports the main module).
+    would not reproduce exactly (OLMoE's q/k norms become model.qk_norm=full). The HF
+    tokenizer is copied to ``<out_run>/tokenizer/`` and named in data.tokenizer. In a
+    script, call it under ``if __name__ == "__main__":`` (megatron's checkpoint writer
+    starts a spawn-method helper process, which re-imports the main module).
     """
     from megasmoe import checkpoint as ckpt
     from megasmoe.config import save_config, to_dict

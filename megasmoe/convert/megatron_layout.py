@@ -16,7 +16,8 @@ megatron stores (global shapes, as megasmoe's GPTModel writes them):
 
 Canonical names (one tensor each, vocabulary un-padded): ``embed``, ``lm_head`` (absent
 when tied), ``final_norm``, and per layer ``layers.<i>.`` + ``input_norm``, ``q``, ``k``,
-``v``, ``o``, ``mlp_norm``; dense layers ``mlp.gate|up|down``; MoE layers
+``v``, ``o``, ``mlp_norm`` (and ``q_norm`` / ``k_norm`` [heads x head_dim] with
+model.qk_norm=full); dense layers ``mlp.gate|up|down``; MoE layers
 ``experts.gate|up`` [E, I, H], ``experts.down`` [E, H, I], ``shared.gate|up|down``,
 ``shared.gate_weight`` (a sigmoid-gated shared expert), and the router's own tensors as
 ``router.<name>`` (what they mean is the router exporter's business, see routers.py).
@@ -42,6 +43,8 @@ _LAYER_MAP = {
     "input_layernorm.weight": "input_norm",
     "self_attention.linear_qkv.weight": "qkv",
     "self_attention.linear_proj.weight": "o",
+    "self_attention.q_layernorm.weight": "q_norm",
+    "self_attention.k_layernorm.weight": "k_norm",
     "mlp.linear_fc1.layer_norm_weight": "mlp_norm",
     "pre_mlp_layernorm.weight": "mlp_norm",
     "mlp.linear_fc1.weight": "fc1:mlp",
@@ -80,6 +83,7 @@ class ModelShape:
     rope_base: float
     tied: bool
     seq_length: int
+    qk_norm: str = "none"
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelShape":
@@ -99,6 +103,7 @@ class ModelShape:
             shared_expert_size=e.get("shared_expert_size") or 0, moe_layers=pattern,
             norm_eps=m["norm_eps"], rope_base=m["rope_base"],
             tied=bool(m.get("share_embeddings")), seq_length=cfg["train"]["seq_length"],
+            qk_norm=m.get("qk_norm", "none"),
         )
 
 

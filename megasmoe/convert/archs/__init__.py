@@ -11,10 +11,10 @@ from megasmoe.convert.errors import ConversionError
 
 __all__ = ["Arch", "ImportedModel", "Tensors", "EXPORT_TARGETS", "arch_for_model_type"]
 
-EXPORT_TARGETS: tuple[Arch, ...] = (Mixtral(), Qwen2Moe(), Glm4Moe())
+EXPORT_TARGETS: tuple[Arch, ...] = (Mixtral(), Qwen2Moe(), Glm4Moe(), Olmoe())
 """Tried in order: the first that holds the model exactly is written."""
 
-_ALL = {a.model_type: a for a in (*EXPORT_TARGETS, Olmoe())}
+_ALL = {a.model_type: a for a in EXPORT_TARGETS}
 
 
 def arch_for_model_type(model_type: str) -> Arch:

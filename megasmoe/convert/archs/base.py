@@ -19,7 +19,7 @@ from megasmoe.convert.megatron_layout import ModelShape
 from megasmoe.convert.routers import Routing
 
 __all__ = ["Arch", "Tensors", "ImportedModel", "LAYER_COMMON", "GLOBAL_COMMON", "require_zero",
-           "common_model_overrides", "layer_freq"]
+           "common_model_overrides", "layer_freq", "plain_moe_unsupported"]
 
 # (canonical, HF) names shared by Mixtral, Qwen2-MoE and GLM4-MoE (Llama layout).
 GLOBAL_COMMON = (("embed", "model.embed_tokens.weight"), ("final_norm", "model.norm.weight"))
@@ -164,6 +164,20 @@ class Arch:
         """(canonical, HF) pairs of a SwiGLU MLP."""
         return [(f"{canon_prefix}.{p}", f"{hf_prefix}.{n}.weight")
                 for p, n in zip(("gate", "up", "down"), names)]
+
+
+def plain_moe_unsupported(arch: str, shape: ModelShape, routing: Routing) -> Optional[str]:
+    """Why a Mixtral-like target (softmax gate, every layer MoE, no shared expert, no
+    expert bias) cannot hold the model; None when it can."""
+    if routing.score_function != "softmax":
+        return f"moe.router.score_function={routing.score_function} ({arch} uses softmax)"
+    if routing.selection_bias:
+        return f"the router's expert bias ({arch} has none)"
+    if shape.shared_expert_size:
+        return f"moe.shared_expert_size={shape.shared_expert_size} ({arch} has no shared expert)"
+    if not all(shape.moe_layers):
+        return f"moe.layer_freq makes dense layers ({arch} has MoE layers only)"
+    return None
 
 
 def require_zero(hf: Tensors, name: str, why: str) -> None:

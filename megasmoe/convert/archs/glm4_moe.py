@@ -47,6 +47,8 @@ class Glm4Moe(Arch):
         return k if all(shape.moe_layers[k:]) else None
 
     def unsupported(self, shape: ModelShape, routing: Routing, extra: dict) -> Optional[str]:
+        if shape.qk_norm != "none":
+            return f"model.qk_norm={shape.qk_norm} (GLM4-MoE has no full-width q/k norm)"
         if routing.score_function != "sigmoid":
             return f"moe.router.score_function={routing.score_function} (GLM4-MoE uses sigmoid)"
         if routing.normalize != (routing.topk > 1):

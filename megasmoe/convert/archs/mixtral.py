@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megasmoe.convert.archs.base import Arch, ImportedModel, Tensors, common_model_overrides
+from megasmoe.convert.archs.base import (Arch, ImportedModel, Tensors, common_model_overrides,
+                                         plain_moe_unsupported)
 from megasmoe.convert.archs.checks import check_common, require
 from megasmoe.convert.megatron_layout import ModelShape
 from megasmoe.convert.routers import Routing
@@ -29,19 +30,12 @@ class Mixtral(Arch):
     config_class = "MixtralConfig"
 
     def unsupported(self, shape: ModelShape, routing: Routing, extra: dict) -> Optional[str]:
-        if routing.score_function != "softmax":
-            return f"moe.router.score_function={routing.score_function} (Mixtral uses softmax)"
-        if not routing.normalize:
+        if shape.qk_norm != "none":
+            return f"model.qk_norm={shape.qk_norm} (Mixtral has no full-width q/k norm)"
+        if routing.score_function == "softmax" and not routing.normalize:
             return ("moe.router.pre_softmax=true (Mixtral renormalises the top-k "
                     "probabilities)")
-        if routing.selection_bias:
-            return "the router's expert bias (Mixtral has none)"
-        if shape.shared_expert_size:
-            return (f"moe.shared_expert_size={shape.shared_expert_size} (Mixtral has no shared "
-                    f"expert)")
-        if not all(shape.moe_layers):
-            return "moe.layer_freq makes dense layers (Mixtral has MoE layers only)"
-        return None
+        return plain_moe_unsupported("Mixtral", shape, routing)
 
     def hf_config(self, shape: ModelShape, routing: Routing, extra: dict) -> dict:
         return dict(

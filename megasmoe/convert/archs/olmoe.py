@@ -1,36 +1,92 @@
-"""OLMoE (``OlmoeForCausalLM``): recognised, and refused in both directions.
+"""OLMoE (``OlmoeForCausalLM``): softmax top-k, all layers MoE, full-width q/k norms.
 
-OLMoE's routing (top-k of softmax, ``norm_topk_prob`` false) is megatron's
-pre_softmax=true, but every OLMoE attention applies ``q_norm`` and ``k_norm``: RMSNorms
-over the whole query / key projection (all heads at once), with no config flag to turn
-them off. megasmoe's attention has no q/k norm, and megatron's ``qk_layernorm`` norms
-each head separately, which is a different function. So an OLMoE checkpoint cannot be
-imported exactly, and a megasmoe model is written as Qwen2-MoE (norm_topk_prob false)
-instead of OLMoE.
+Routing: softmax over all experts, top-k, renormalised only with ``norm_topk_prob``
+(megatron pre_softmax=false; OLMoE's default ``norm_topk_prob=false`` is
+pre_softmax=true). Every OLMoE attention applies ``q_norm`` and ``k_norm``: RMSNorms
+over the whole query / key projection (all heads at once), which is megasmoe's
+``model.qk_norm=full`` (megatron's own ``qk_layernorm`` normalises each head, a
+different function). So a model exports to OLMoE exactly when it has full-width q/k
+norms, and OLMoE imports with ``model.qk_norm=full``. No shared expert, no dense
+layers, no biases; ``clip_qkv`` (clamping q/k/v) is refused on import. A routing
+scaling factor is folded into the experts' down projections, as for Mixtral.
 """
 
 from __future__ import annotations
 
-from megasmoe.convert.archs.base import Arch, ImportedModel, Tensors
-from megasmoe.convert.errors import ConversionError
+from typing import Optional
+
+from megasmoe.convert.archs.base import (Arch, ImportedModel, Tensors, common_model_overrides,
+                                         plain_moe_unsupported)
+from megasmoe.convert.archs.checks import check_common, require
+from megasmoe.convert.megatron_layout import ModelShape
+from megasmoe.convert.routers import Routing
 
 __all__ = ["Olmoe"]
 
+_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+_QK_NORMS = (("q_norm", "self_attn.q_norm.weight"), ("k_norm", "self_attn.k_norm.weight"))
+
 
 class Olmoe(Arch):
-    """OLMoE: import refused (q_norm/k_norm), never an export target."""
+    """OLMoE as a conversion target (models with model.qk_norm=full) and source."""
 
     name = "olmoe"
     model_type = "olmoe"
     architecture = "OlmoeForCausalLM"
     config_class = "OlmoeConfig"
 
-    def unsupported(self, shape, routing, extra):
-        return ("q_norm/k_norm are always on in OLMoE and megasmoe has no q/k norm "
-                "(use qwen2_moe with norm_topk_prob=false)")
+    def unsupported(self, shape: ModelShape, routing: Routing, extra: dict) -> Optional[str]:
+        if shape.qk_norm != "full":
+            return (f"model.qk_norm={shape.qk_norm} (OLMoE always applies full-width q/k "
+                    f"norms)")
+        return plain_moe_unsupported("OLMoE", shape, routing)
+
+    def hf_config(self, shape: ModelShape, routing: Routing, extra: dict) -> dict:
+        return dict(
+            vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
+            intermediate_size=shape.moe_ffn_hidden_size, num_hidden_layers=shape.num_layers,
+            num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_query_groups,
+            hidden_act="silu", max_position_embeddings=shape.seq_length,
+            rms_norm_eps=shape.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": float(shape.rope_base)},
+            attention_bias=False, attention_dropout=0.0, clip_qkv=None,
+            num_experts_per_tok=routing.topk, num_experts=shape.num_experts,
+            norm_topk_prob=routing.normalize, tie_word_embeddings=shape.tied,
+            router_aux_loss_coef=extra.get("aux_loss_coeff", 0.0),
+        )
+
+    def export(self, canon: Tensors, shape: ModelShape, routing: Routing, extra: dict) -> dict:
+        out: dict = {}
+        self.export_common(canon, shape, out)
+        for i in range(shape.num_layers):
+            p = f"model.layers.{i}"
+            for c, h in _QK_NORMS:
+                out[f"{p}.{h}"] = canon.take(f"layers.{i}.{c}")
+            out[f"{p}.mlp.gate.weight"] = canon.take(f"layers.{i}.gate.weight")
+            self.export_experts(canon, i, shape.num_experts, f"{p}.mlp", _EXPERT_NAMES, out,
+                                down_scale=routing.scaling)
+        return out
 
     def import_checkpoint(self, cfg: dict, hf: Tensors) -> ImportedModel:
-        raise ConversionError(
-            "olmoe: self_attn.q_norm/k_norm (RMSNorm over all query/key heads, always on in "
-            "OLMoE) have no counterpart in megasmoe's attention, so the import would change "
-            "the model; megasmoe needs a full-width q/k norm (see docs/conversion.md)")
+        check_common(cfg)
+        require(cfg.get("clip_qkv") is None, "clip_qkv",
+                f"{cfg.get('clip_qkv')}: megasmoe's attention does not clamp q/k/v")
+        require(not cfg.get("attention_bias", False), "attention_bias",
+                "true: megasmoe's attention has no bias")
+        L, E = cfg["num_hidden_layers"], cfg["num_experts"]
+        model = common_model_overrides(cfg, cfg["hidden_size"], cfg["num_attention_heads"])
+        model["qk_norm"] = "full"
+        canonical: dict = {}
+        self.import_common(hf, L, model["share_embeddings"], canonical)
+        for i in range(L):
+            p = f"model.layers.{i}"
+            for c, h in _QK_NORMS:
+                canonical[f"layers.{i}.{c}"] = hf.take(f"{p}.{h}")
+            canonical[f"layers.{i}.router.weight"] = hf.take(f"{p}.mlp.gate.weight")
+            self.import_experts(hf, i, E, f"{p}.mlp", _EXPERT_NAMES, canonical)
+        moe = {"num_experts": E, "topk": cfg["num_experts_per_tok"],
+               "ffn_hidden_size": cfg["intermediate_size"], "layer_freq": 1,
+               "shared_expert_size": 0, "aux_loss_coeff": cfg.get("router_aux_loss_coef", 0.01),
+               "router": {"name": "topk", "score_function": "softmax",
+                          "pre_softmax": not cfg.get("norm_topk_prob", False)}}
+        return ImportedModel({"model": model, "moe": moe}, canonical)

@@ -58,6 +58,8 @@ class Qwen2Moe(Arch):
     config_class = "Qwen2MoeConfig"
 
     def unsupported(self, shape: ModelShape, routing: Routing, extra: dict) -> Optional[str]:
+        if shape.qk_norm != "none":
+            return f"model.qk_norm={shape.qk_norm} (Qwen2-MoE has no full-width q/k norm)"
         if routing.score_function != "softmax":
             return f"moe.router.score_function={routing.score_function} (Qwen2-MoE uses softmax)"
         if routing.selection_bias:
