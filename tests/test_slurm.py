@@ -159,13 +159,14 @@ def test_time_limit_checkpoints_requeues_and_resumes(cluster, tmp_path):
     signal up to that much early, so the signal comes within the job's first 30 s,
     usually before training runs. The batch script holds it until the log shows the
     trainer running (earlier it would kill workers that have no handler yet), forwards
-    it, and requeues after the checkpoint. 60 steps cannot be done in the first 30 s.
+    it, and requeues after the checkpoint. 200 steps cannot be done in the first 30 s
+    (60 could: about 20 s of training on a quiet 2-core machine).
     The requeued job (same id) gets a longer limit from the test (`scontrol update
     TimeLimit=5`): with the same minute it would be signalled again as soon as it
     trained, which is right but would take many requeues.
     """
     run_dir = tmp_path / "run"
-    steps = 60
+    steps = 200
     job = sbatch(tmp_path, TINY, *FAST, f"train.steps={steps}", f"run.dir={run_dir}",
                  sbatch_opts=("--time=1", "--signal=B:USR1@30"))
     info = wait_job(job, timeout=240,
