@@ -4,9 +4,10 @@
     .venv/bin/torchrun --nproc-per-node 2 bench/bench_train.py configs/tiny-cpu.yaml
 
 Times `--steps` training steps of the real Trainer after `--warmup` steps and reports
-tokens/s, the share of step time spent fetching data (goal < 2%) and, from hooks around every router (forward: pre/post hooks; backward: the
-gradient hooks on the router's output probs and its input), the router's forward +
-backward time as a share of the step time. Both numbers come from the same run.
+tokens/s, the share of step time spent fetching data (goal < 2%) and, from hooks
+around every router (forward: pre/post hooks; backward: the gradient hooks on the
+router's output probs and its input), the router's forward + backward time as a share
+of the step time. Both numbers come from the same run.
 Without torchrun it runs as one process (parallel.world_size=1, parallel.ep=1 are
 added). On GPU the hooks synchronise the device, which slightly slows the whole step.
 """

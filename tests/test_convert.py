@@ -480,7 +480,7 @@ REFUSED = {
                  r"moe\.router\.c=0\.5"),
     "hyper": (["moe.router.name=hyper"],
               r"^router hyper cannot be exported to a standard architecture; layer 0 adds a "
-              r"per-expert bias to the router logits"),
+              r"per-expert bias to the router logits .* pass --remote-code"),
     "domain_steer": (["moe.router.name=domain_steer", "moe.router.file={steering}"],
                      r"^router domain_steer cannot be exported to a standard architecture; "
                      r"layer 0 adds a per-expert bias"),
@@ -498,6 +498,50 @@ def test_unsupported_router_or_config_is_refused(tmp_path, steering_file, case):
     with pytest.raises(ConversionError, match=message):
         to_hf(run, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+REMOTE = {
+    # A router logit bias no standard architecture has: megasmoe's own (remote code).
+    "hyper": ["moe.router.name=hyper"],
+    "domain_steer": ["moe.router.name=domain_steer", "moe.router.file={steering}"],
+    # ... with everything else the remote architecture holds.
+    "hyper_mixed": ["moe.router.name=hyper", "moe.layer_freq=[0,1]", "moe.shared_expert_size=48",
+                    "model.ffn_hidden_size=96", "model.qk_norm=full", "model.num_query_groups=2",
+                    "model.share_embeddings=true", "model.vocab_size=500"],
+}
+
+
+@pytest.mark.parametrize("case", list(REMOTE))
+def test_router_logit_bias_exports_with_remote_code(tmp_path, steering_file, case):
+    """--remote-code: hyper's generated bias and DSMoE's steering bias, exact by logits."""
+    from transformers import AutoModelForCausalLM
+
+    overrides = [o.format(steering=steering_file) for o in REMOTE[case]]
+    run = make_checkpoint(tmp_path / "run", overrides)
+    out = tmp_path / "hf"
+    report = to_hf(run, out, remote_code=True)
+    assert report.architecture == "MegasmoeMoeForCausalLM" and not report.dropped
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "megasmoe_moe" and config["router_bias"] is True
+    assert config["auto_map"]["AutoModelForCausalLM"] == \
+        "modeling_megasmoe.MegasmoeMoeForCausalLM"
+    assert (out / "modeling_megasmoe.py").is_file()
+    moe_layer = 1 if case == "hyper_mixed" else 0
+    bias = hf_tensors(out)[f"model.layers.{moe_layer}.mlp.gate.bias"]
+    assert bias.abs().max() > 0 and bias.max() > bias.min()
+    vocab = 500 if case == "hyper_mixed" else 512
+    assert_parity(verify(run, out, eval_token_ids(vocab)), padded=case == "hyper_mixed")
+    # Never a silent plain model: without trust_remote_code transformers refuses it.
+    with pytest.raises(Exception, match="trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=False)
+
+
+def test_remote_code_is_a_last_resort(tmp_path):
+    """A model a standard architecture holds is written as that one even with --remote-code."""
+    run = make_checkpoint(tmp_path / "run", [])
+    report = to_hf(run, tmp_path / "hf", remote_code=True)
+    assert report.architecture == "MixtralForCausalLM"
+    assert not (tmp_path / "hf" / "modeling_megasmoe.py").exists()
 
 
 def test_allow_drop_exports_without_the_bias_and_says_so(tmp_path):

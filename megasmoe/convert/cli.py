@@ -1,6 +1,7 @@
 """``megasmoe convert ...``: the command-line face of the converter.
 
-    convert to-hf RUN OUT [--allow-drop] [--tokenizer PATH] [--max-shard-size BYTES] [--no-check]
+    convert to-hf RUN OUT [--allow-drop] [--remote-code] [--tokenizer PATH]
+                          [--max-shard-size BYTES] [--no-check]
     convert from-hf HF_DIR OUT_RUN [key=value ...]
     convert verify RUN HF_DIR [--tokens FILE] [--batch B --length N --seed S]
 
@@ -38,7 +39,8 @@ def _cmd_to_hf(args) -> int:
     from megasmoe.convert.export import to_hf
 
     report = to_hf(args.run, args.out, allow_drop=args.allow_drop, tokenizer=args.tokenizer,
-                   max_shard_size=args.max_shard_size, check=not args.no_check)
+                   max_shard_size=args.max_shard_size, check=not args.no_check,
+                   remote_code=args.remote_code)
     print(report.summary())
     return 0
 
@@ -81,6 +83,10 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory (new or empty)")
     p.add_argument("--allow-drop", action="store_true",
                    help="export even if some megatron tensors cannot be written (listed)")
+    p.add_argument("--remote-code", action="store_true",
+                   help="if no standard architecture holds the model (router logit bias: "
+                        "hyper, steered domain_steer), write megasmoe's own "
+                        "(loads with trust_remote_code)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer file or dir (default: the run's, if any)")
     p.add_argument("--max-shard-size", type=int, default=5 * 10**9, help="bytes per shard")

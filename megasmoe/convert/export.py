@@ -3,7 +3,8 @@
 Steps, all on one CPU process: read and check the checkpoint (reader.py); megatron
 tensors -> canonical per-layer tensors (megatron_layout.py); each MoE layer's router ->
 a plain gate by the router's exporter (routers.py); pick the first architecture that
-holds the model exactly (archs/: Mixtral, Qwen2-MoE, GLM4-MoE, OLMoE); write
+holds the model exactly (archs/: Mixtral, Qwen2-MoE, GLM4-MoE, OLMoE; with
+``remote_code`` last megasmoe's own, archs/remote.py); write
 sharded safetensors + index, config.json, generation_config.json and the tokenizer;
 then load the result with transformers and require that every tensor was filled and
 none was left over. Every megatron tensor must be written: one that is not is an
@@ -20,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from megasmoe.convert.archs import EXPORT_TARGETS, Arch, Tensors
+from megasmoe.convert.archs import EXPORT_TARGETS, MODELING_FILE, REMOTE_TARGET, Arch, Tensors
 from megasmoe.convert.errors import ConversionError
 from megasmoe.convert.hf_io import DEFAULT_MAX_SHARD_BYTES, write_json, write_safetensors
 from megasmoe.convert.megatron_layout import ModelShape, to_canonical
@@ -73,8 +74,11 @@ def _refuse_config(cfg: dict) -> None:
 
 
 def _export_routers(canonical: dict, shape: ModelShape, cfg: dict, allow_drop: bool,
-                    dropped: list) -> Routing:
-    """Replace each MoE layer's ``router.*`` tensors by ``gate.*``; returns the routing."""
+                    dropped: list, keep_bias: bool = False) -> Routing:
+    """Replace each MoE layer's ``router.*`` tensors by ``gate.*``; returns the routing.
+
+    ``keep_bias``: keep a per-expert logit bias as ``gate.bias`` (remote-code export).
+    """
     name = cfg["moe"]["router"]["name"]
     options = router_options(cfg)
     routing = None
@@ -84,8 +88,11 @@ def _export_routers(canonical: dict, shape: ModelShape, cfg: dict, allow_drop: b
         prefix = f"layers.{i}.router."
         tensors = {k[len(prefix):]: canonical.pop(k) for k in list(canonical)
                    if k.startswith(prefix)}
-        gate = export_gate(RouterContext(name, i, tensors, options, cfg), allow_drop, dropped)
+        gate = export_gate(RouterContext(name, i, tensors, options, cfg), allow_drop, dropped,
+                           keep_bias=keep_bias)
         canonical[f"layers.{i}.gate.weight"] = gate.weight
+        if gate.bias is not None:
+            canonical[f"layers.{i}.gate.bias"] = gate.bias
         if gate.selection_bias is not None:
             canonical[f"layers.{i}.gate.selection_bias"] = gate.selection_bias
         if routing is not None and gate.routing != routing:
@@ -107,12 +114,16 @@ def _check_layer_kinds(canonical: dict, shape: ModelShape) -> None:
                                   f"has no {kind} MLP tensors for it")
 
 
-def choose_target(shape: ModelShape, routing: Routing, extra: dict) -> Arch:
+def choose_target(shape: ModelShape, routing: Routing, extra: dict,
+                  remote_code: bool = False) -> Arch:
     """The first architecture that holds the model exactly; ConversionError naming why
-    each one cannot."""
+    each one cannot. megasmoe's own (remote-code) architecture comes last, and only with
+    ``remote_code``."""
     reasons = []
-    for arch in EXPORT_TARGETS:
+    for arch in (*EXPORT_TARGETS, *([REMOTE_TARGET] if remote_code else [])):
         why = arch.unsupported(shape, routing, extra)
+        if why is None and extra.get("logit_bias") and not arch.remote_code:
+            why = "no router logit bias"
         if why is None:
             return arch
         reasons.append(f"{arch.name}: {why}")
@@ -132,8 +143,12 @@ class HFState:
     dropped: list
 
 
-def hf_state_dict(checkpoint, allow_drop: bool = False) -> HFState:
-    """The HF tensors of a read checkpoint, the chosen architecture and what was dropped."""
+def hf_state_dict(checkpoint, allow_drop: bool = False, remote_code: bool = False) -> HFState:
+    """The HF tensors of a read checkpoint, the chosen architecture and what was dropped.
+
+    ``remote_code``: a model no standard architecture holds (a router logit bias) may be
+    written as megasmoe's own architecture (loads with trust_remote_code).
+    """
     cfg = checkpoint.config
     _refuse_config(cfg)
     shape = ModelShape.from_config(cfg)
@@ -145,11 +160,12 @@ def hf_state_dict(checkpoint, allow_drop: bool = False) -> HFState:
                                   f"{', '.join(sorted(unknown))}; pass --allow-drop to export "
                                   f"without them")
         dropped += sorted(unknown)
-    routing = _export_routers(canonical, shape, cfg, allow_drop, dropped)
+    routing = _export_routers(canonical, shape, cfg, allow_drop, dropped, keep_bias=remote_code)
     _check_layer_kinds(canonical, shape)
     extra = {"aux_loss_coeff": cfg["moe"].get("aux_loss_coeff", 0.0),
-             "shared_expert_gate": any(k.endswith(".shared.gate_weight") for k in canonical)}
-    arch = choose_target(shape, routing, extra)
+             "shared_expert_gate": any(k.endswith(".shared.gate_weight") for k in canonical),
+             "logit_bias": any(k.endswith(".gate.bias") for k in canonical)}
+    arch = choose_target(shape, routing, extra, remote_code)
     tensors = Tensors(canonical, f"checkpoint {checkpoint.path}")
     hf = arch.export(tensors, shape, routing, extra)
     if tensors.unused():
@@ -163,9 +179,7 @@ def hf_state_dict(checkpoint, allow_drop: bool = False) -> HFState:
 
 def _hf_config(arch: Arch, shape: ModelShape, routing: Routing, extra: dict, dtype: torch.dtype,
                tok) -> "object":
-    import transformers
-
-    cls = getattr(transformers, arch.config_class)
+    cls = arch.config_cls()
     ids = {"bos_token_id": getattr(tok, "bos_token_id", None),
            "eos_token_id": getattr(tok, "eos_token_id", None),
            "pad_token_id": getattr(tok, "pad_token_id", None)}
@@ -187,13 +201,15 @@ def _write_config(config, out_dir: Path, shape: ModelShape) -> None:
     write_json(path, data)
 
 
-def _check_loads(out_dir: Path, dtype: torch.dtype) -> None:
+def _check_loads(out_dir: Path, dtype: torch.dtype, remote_code: bool = False) -> None:
     """Load the export with transformers: no missing, unexpected or mismatched tensor."""
     from transformers import AutoModelForCausalLM
 
     try:
+        # remote_code: the modeling file is megasmoe's own, just written here.
         _, info = AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=dtype,
-                                                       output_loading_info=True)
+                                                       output_loading_info=True,
+                                                       trust_remote_code=remote_code)
     except Exception as e:  # noqa: BLE001 - transformers raises many types here
         raise ConversionError(f"transformers cannot load {out_dir}: {e}") from None
     bad = {k: sorted(v) for k, v in info.items() if v}
@@ -203,19 +219,23 @@ def _check_loads(out_dir: Path, dtype: torch.dtype) -> None:
 
 def to_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, allow_drop: bool = False,
           tokenizer: Optional[str | Path] = None,
-          max_shard_size: int = DEFAULT_MAX_SHARD_BYTES, check: bool = True) -> ExportReport:
+          max_shard_size: int = DEFAULT_MAX_SHARD_BYTES, check: bool = True,
+          remote_code: bool = False) -> ExportReport:
     """Export a megasmoe checkpoint to a Hugging Face directory (see the module docstring).
 
     ``run_or_checkpoint``: a run dir (its ``latest`` checkpoint), checkpoints dir or
     ``iter_XXXXXXX`` dir, at any parallel layout. ``tokenizer``: overrides the run's.
     ``check``: load the written model with transformers and require every tensor filled
-    (needs the model's size in memory once more). The directory must be empty or absent.
+    (needs the model's size in memory once more). ``remote_code``: when no standard
+    architecture holds the model (a router logit bias: hyper, steered domain_steer),
+    write megasmoe's own, with its modeling file (readers need trust_remote_code). The
+    directory must be empty or absent.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConversionError(f"{out_dir} exists and is not empty; export into a new directory")
     checkpoint = read_checkpoint(run_or_checkpoint)
-    state = hf_state_dict(checkpoint, allow_drop)
+    state = hf_state_dict(checkpoint, allow_drop, remote_code)
     arch, routing, shape = state.arch, state.routing, state.shape
     dtype = checkpoint.tensors["embedding.word_embeddings.weight"].dtype
     run_dir = checkpoint.path.parent.parent if checkpoint.path.parent.name == "checkpoints" \
@@ -229,6 +249,8 @@ def to_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, allow_drop: boo
                                   f"model.vocab_size is {shape.vocab_size}")
         config = _hf_config(arch, shape, routing, state.extra, dtype, tok)
         _write_config(config, out_dir, shape)
+        if arch.remote_code:
+            shutil.copyfile(Path(__file__).with_name(MODELING_FILE), out_dir / MODELING_FILE)
         from transformers import GenerationConfig
 
         GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
@@ -236,7 +258,7 @@ def to_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, allow_drop: boo
         files = write_safetensors(state.tensors, out_dir, max_shard_size)
         state.tensors = {}
         if check:
-            _check_loads(out_dir, dtype)
+            _check_loads(out_dir, dtype, arch.remote_code)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise

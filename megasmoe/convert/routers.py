@@ -137,12 +137,13 @@ def _refuse(name: str, why: str) -> ConversionError:
 
 
 def export_gate(ctx: RouterContext, allow_drop: bool = False,
-                dropped: list | None = None) -> GateExport:
+                dropped: list | None = None, keep_bias: bool = False) -> GateExport:
     """Run the router's exporter on one layer and settle its logit bias.
 
     A bias constant over the experts is dropped (exact for softmax scores); any other
-    bias is refused unless ``allow_drop`` (then it is listed in ``dropped``). Tensors
-    the exporter neither used nor ignored are refused the same way.
+    bias is kept with ``keep_bias`` (for megasmoe's remote-code architecture), else
+    refused unless ``allow_drop`` (then it is listed in ``dropped``). Tensors the
+    exporter neither used nor ignored are refused the same way.
     """
     fn = _EXPORTERS.get(ctx.name)
     if fn is None:
@@ -161,12 +162,16 @@ def export_gate(ctx: RouterContext, allow_drop: bool = False,
         constant = bool((b.max() - b.min()).abs() == 0)
         if constant and gate.routing.score_function == "softmax":
             gate.bias = None  # softmax(l + c) = softmax(l): the same choice and weights
+        elif keep_bias:
+            pass
         elif not allow_drop:
             raise _refuse(ctx.name, (
                 f"layer {ctx.layer} adds a per-expert bias to the router logits (range "
                 f"{b.min().item():.4g}..{b.max().item():.4g}) and no standard architecture "
-                f"(Mixtral, Qwen2-MoE, GLM4-MoE) has a router logit bias; pass --allow-drop "
-                f"to export the gate without it (the routing then differs)"))
+                f"(Mixtral, Qwen2-MoE, GLM4-MoE, OLMoE) has a router logit bias; pass "
+                f"--remote-code to export megasmoe's own architecture (loads with "
+                f"trust_remote_code), or --allow-drop to export the gate without it (the "
+                f"routing then differs)"))
         else:
             if dropped is not None:
                 dropped.append(f"layer {ctx.layer}: router logit bias of {ctx.name}")

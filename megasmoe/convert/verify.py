@@ -2,7 +2,9 @@
 
 The megatron model is built at world size 1 in fp32 on CPU from the checkpoint's config
 and loaded with megatron's own resharding load (any saved layout); the HF model is
-loaded with ``AutoModelForCausalLM.from_pretrained`` (no remote code) in fp32.
+loaded with ``AutoModelForCausalLM.from_pretrained`` in fp32 (no remote code, except
+megasmoe's own architecture, ``model_type: megasmoe_moe``, whose modeling file the
+export wrote).
 
 For token ids x [B, S+1]: megatron runs on x[:, :S] with labels x[:, 1:] (its own
 per-token loss); HF runs on x with labels x (it shifts internally, and causality makes
@@ -13,6 +15,7 @@ padded vocabulary (what training logged) and over the real one (what HF computes
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -106,8 +109,10 @@ def hf_logits(hf_dir, token_ids) -> tuple[torch.Tensor, float]:
     from transformers import AutoModelForCausalLM
 
     ids = _as_ids(token_ids)
-    model, info = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
-                                                       output_loading_info=True)
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(hf_dir), dtype=torch.float32, output_loading_info=True,
+        trust_remote_code=config.get("model_type") == "megasmoe_moe")
     bad = {k: sorted(v) for k, v in info.items() if v}
     if bad:
         raise ConversionError(f"transformers loaded {hf_dir} with problems: {bad}")

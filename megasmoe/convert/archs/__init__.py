@@ -7,12 +7,17 @@ from megasmoe.convert.archs.glm4_moe import Glm4Moe
 from megasmoe.convert.archs.mixtral import Mixtral
 from megasmoe.convert.archs.olmoe import Olmoe
 from megasmoe.convert.archs.qwen2_moe import Qwen2Moe
+from megasmoe.convert.archs.remote import MODELING_FILE, MegasmoeRemote
 from megasmoe.convert.errors import ConversionError
 
-__all__ = ["Arch", "ImportedModel", "Tensors", "EXPORT_TARGETS", "arch_for_model_type"]
+__all__ = ["Arch", "ImportedModel", "Tensors", "EXPORT_TARGETS", "REMOTE_TARGET", "MODELING_FILE",
+           "arch_for_model_type"]
 
 EXPORT_TARGETS: tuple[Arch, ...] = (Mixtral(), Qwen2Moe(), Glm4Moe(), Olmoe())
 """Tried in order: the first that holds the model exactly is written."""
+
+REMOTE_TARGET = MegasmoeRemote()
+"""Tried last, only with ``remote_code``: needs trust_remote_code to load."""
 
 _ALL = {a.model_type: a for a in EXPORT_TARGETS}
 

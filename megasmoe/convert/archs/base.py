@@ -85,6 +85,14 @@ class Arch:
     model_type = ""
     architecture = ""
     config_class = ""
+    remote_code = False
+    """True when readers need ``trust_remote_code`` (megasmoe's own architecture)."""
+
+    def config_cls(self):
+        """The transformers config class of this architecture."""
+        import transformers
+
+        return getattr(transformers, self.config_class)
 
     def unsupported(self, shape: ModelShape, routing: Routing, extra: dict) -> Optional[str]:
         """Why this architecture cannot hold the model exactly; None when it can."""
