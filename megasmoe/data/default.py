@@ -15,7 +15,9 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Callable, Optional
 
 from megasmoe.data.corpus import SPLITS, corpus_documents, corpus_files
 from megasmoe.data.errors import DataError
@@ -71,11 +73,14 @@ def _build(root: Path, key: str, vocab_size: int, model_type: str, workers: int,
 
 def prepare_default_data(cache_dir: str | Path, vocab_size: int = DEFAULT_VOCAB_SIZE,
                          workers: int = 1, model_type: str = "bpe",
-                         progress: bool = False) -> dict:
+                         progress: bool = False,
+                         log: Optional[Callable[[str], None]] = None) -> dict:
     """Tokenizer and train/valid/test datasets of the embedded corpus, built once.
 
     Returns ``{"tokenizer": Path to the .model, "train"/"valid"/"test": dataset prefix}``.
     A second call with the same arguments returns the cached paths without writing.
+    ``log`` receives one line before and one after a build (only the process that
+    builds logs; concurrent callers wait on a file lock).
     """
     if vocab_size < 512:
         raise DataError(f"vocab size {vocab_size} is too small for the default tokenizer "
@@ -97,10 +102,17 @@ def prepare_default_data(cache_dir: str | Path, vocab_size: int = DEFAULT_VOCAB_
         tmp = cache_dir / f".{name}.tmp-{os.getpid()}"
         try:
             tmp.mkdir()
+            start = time.monotonic()
+            if log:
+                log(f"megasmoe: first use of the embedded corpus: training a {vocab_size}-piece "
+                    f"{model_type.upper()} tokenizer and tokenizing the corpus into {root} "
+                    f"(cached for later runs)")
             _build(tmp, key, vocab_size, model_type, workers, progress)
             if root.exists():  # incomplete or damaged: replace it whole
                 shutil.rmtree(root)
             os.rename(tmp, root)
+            if log:
+                log(f"megasmoe: corpus ready in {time.monotonic() - start:.1f} s")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return _paths(root)

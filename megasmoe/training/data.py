@@ -62,7 +62,8 @@ def resolve_data(cfg: Config) -> Config:
     d = cfg.data
     if d.source == "corpus":
         built = prepare_default_data(Path(d.cache_dir) if d.cache_dir else default_cache_dir(),
-                                     vocab_size=cfg.model.vocab_size)
+                                     vocab_size=cfg.model.vocab_size,
+                                     log=lambda line: print(line, flush=True))
         d.prefixes = [str(built[s]) for s in ("train", "valid", "test")]
         d.tokenizer = str(built["tokenizer"])
     if d.source in ("corpus", "indexed"):
