@@ -137,6 +137,9 @@ class MoEConfig:
     """1 = every layer is MoE; N = every N-th layer; or a 0/1 list per layer."""
     shared_expert_size: int = 0
     """FFN width of an always-on shared expert; 0 = none."""
+    shared_expert_gate: bool = False
+    """Scale the shared expert's output by sigmoid(w . x), a learned per-token gate
+    (Qwen2-MoE; megatron's moe_shared_expert_gate)."""
     dispatcher: str = "alltoall"
     """Token dispatcher: allgather, alltoall or flex (DeepEP, GPU only)."""
     aux_loss_type: str = "aux_loss"
@@ -555,6 +558,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
     _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
     _require(e.shared_expert_size >= 0, "moe.shared_expert_size must be >= 0 (0 = none)")
+    _require(not e.shared_expert_gate or e.shared_expert_size > 0,
+             "moe.shared_expert_gate=true needs a shared expert; set moe.shared_expert_size")
     _require(p.vpp is None or p.vpp >= 1, "parallel.vpp must be >= 1 or null")
     _require(
         m.num_heads % p.tp == 0,

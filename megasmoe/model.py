@@ -187,6 +187,7 @@ def to_transformer_config(cfg: Config) -> TransformerConfig:
         moe_ffn_hidden_size=e.ffn_hidden_size,
         moe_layer_freq=e.layer_freq,
         moe_shared_expert_intermediate_size=e.shared_expert_size or None,
+        moe_shared_expert_gate=e.shared_expert_gate,
         moe_token_dispatcher_type=e.dispatcher,
         moe_router_load_balancing_type=e.aux_loss_type,
         moe_aux_loss_coeff=0.0 if e.aux_loss_type == "none" else e.aux_loss_coeff,

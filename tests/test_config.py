@@ -436,6 +436,11 @@ def test_flex_dispatcher_without_deepep_is_refused(monkeypatch):
     assert msg.startswith("moe.dispatcher=flex needs DeepEP") and "alltoall" in msg
 
 
+def test_shared_expert_gate_needs_a_shared_expert():
+    assert config_error(["moe.shared_expert_gate=true"]).startswith(
+        "moe.shared_expert_gate=true needs a shared expert")
+
+
 def test_qk_norm_values():
     assert "model.qk_norm='head' is unknown; use none or full" in config_error(
         ["model.qk_norm=head"])

@@ -48,10 +48,11 @@ LAYOUTS = {
     "tp2_qknorm": ["parallel.ep=1", "parallel.tp=2", "parallel.sp=true", "model.qk_norm=full"],
     "tp2_pp2": ["parallel.world_size=4", "parallel.ep=1", "parallel.tp=2", "parallel.sp=true",
                 "parallel.pp=2"],
-    # Per-layer checkpoint keys split over two stages, a dense layer, a shared expert,
-    # top-k of softmax, GQA and a padded vocabulary (4000 -> 4096): Qwen2-MoE.
+    # Per-layer checkpoint keys split over two stages, a dense layer, a gated shared
+    # expert, top-k of softmax, GQA and a padded vocabulary (4000 -> 4096): Qwen2-MoE.
     "pp2_mixed": ["parallel.ep=1", "parallel.pp=2", "moe.layer_freq=[1,0,1,1]",
-                  "moe.shared_expert_size=64", "model.ffn_hidden_size=192",
+                  "moe.shared_expert_size=64", "moe.shared_expert_gate=true",
+                  "model.ffn_hidden_size=192",
                   "moe.router.pre_softmax=true", "model.num_query_groups=2",
                   "model.vocab_size=4000", "data.source=mock"],
 }
@@ -152,7 +153,8 @@ def test_export_matches_megasmoe_logits_and_loss(trained, layout):
     vocab = 4000 if mixed else 4096
     assert (config["vocab_size"], config["num_experts_per_tok"]) == (vocab, 2)
     assert hf_tensors(out)["model.embed_tokens.weight"].shape == (vocab, 128)  # un-padded
-    if mixed:
+    if mixed:  # megasmoe's learned shared-expert gate, written as Qwen2-MoE's
+        assert hf_tensors(out)["model.layers.0.mlp.shared_expert_gate.weight"].abs().max() > 0
         assert (config["mlp_only_layers"], config["shared_expert_intermediate_size"],
                 config["norm_topk_prob"], config["num_key_value_heads"]) == ([1], 64, False, 2)
     data_tokenizer = json.loads((report.checkpoint / "megasmoe.json").read_text())[
@@ -236,16 +238,20 @@ def build_hf(kind: str, **changes):
     if kind == "mixtral":
         return tf.MixtralForCausalLM(tf.MixtralConfig(
             **common, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **changes))
-    if kind == "qwen2_moe":
+    if kind in ("qwen2_moe", "qwen2_moe_gated"):
         model = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
             **common, intermediate_size=96, moe_intermediate_size=32,
             shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
             norm_topk_prob=False, mlp_only_layers=[1], **changes))
-        if not changes.get("keep_shared_gate"):
-            with torch.no_grad():  # megasmoe's shared expert is ungated: sigmoid(0) * 2 W
-                for layer in model.model.layers:
-                    if hasattr(layer.mlp, "shared_expert_gate"):
-                        layer.mlp.shared_expert_gate.weight.zero_()
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                if hasattr(layer.mlp, "shared_expert_gate"):
+                    gate = layer.mlp.shared_expert_gate.weight
+                    if kind == "qwen2_moe_gated":  # as in Qwen's checkpoints
+                        gate.copy_(torch.randn(gate.shape, generator=gen))
+                    else:  # zero: what an ungated megasmoe model exports (sigmoid(0) * 2 W)
+                        gate.zero_()
         return model
     if kind == "glm4_moe":
         common["rope_parameters"] = {**common["rope_parameters"], "partial_rotary_factor": 1.0}
@@ -312,6 +318,9 @@ ROUND_TRIP = {
                                        "pre_softmax": False}),
     "qwen2_moe": ("Qwen2MoeForCausalLM", {"name": "topk", "score_function": "softmax",
                                           "pre_softmax": True}),
+    # A nonzero shared-expert gate: moe.shared_expert_gate=true.
+    "qwen2_moe_gated": ("Qwen2MoeForCausalLM", {"name": "topk", "score_function": "softmax",
+                                                "pre_softmax": True}),
     "glm4_moe": ("Glm4MoeForCausalLM", {"name": "sigmoid_bias", "topk_scaling_factor": 2.5}),
     # OLMoE's full-width q/k norms: megasmoe's model.qk_norm=full.
     "olmoe": ("OlmoeForCausalLM", {"name": "topk", "score_function": "softmax",
@@ -332,6 +341,9 @@ def test_hf_round_trip_is_bitwise_and_logits_match(round_trips, kind):
                   "shared_expert_intermediate_size", "first_k_dense_replace",
                   "routed_scaling_factor", "n_shared_experts"):
         assert a.get(field) == b.get(field), field
+    if kind.startswith("qwen2_moe"):
+        gated = kind == "qwen2_moe_gated"
+        assert f"shared_expert_gate: {str(gated).lower()}" in (run / "config.yaml").read_text()
     # megasmoe's own model (megatron, world size 1) against the source HF model.
     assert_parity(verify(run, src, eval_token_ids(300, back)), padded=True)
     if kind == "mixtral":  # the tokenizer travels: HF -> run's data.tokenizer -> HF
@@ -373,17 +385,11 @@ def test_training_resumes_from_an_import(round_trips, tmp_path):
 
 @pytest.mark.parametrize("kind, changes, message", [
     ("olmoe", {"clip_qkv": 8.0}, r"^clip_qkv: 8\.0"),
-    ("qwen2_moe", {"keep_shared_gate": True}, r"shared_expert_gate\.weight is not zero"),
     ("mixtral", {"sliding_window": 16}, r"^sliding_window: 16"),
     ("mixtral", {"hidden_act": "gelu"}, r"^hidden_act: 'gelu'"),
 ])
 def test_import_refuses_what_megasmoe_cannot_represent(tmp_path, kind, changes, message):
-    changes = dict(changes)
-    keep = changes.pop("keep_shared_gate", False)
     model = build_hf(kind, **changes)
-    if keep:
-        with torch.no_grad():
-            model.model.layers[0].mlp.shared_expert_gate.weight.normal_()
     model.save_pretrained(str(tmp_path / "src"))
     with pytest.raises(ConversionError, match=message):
         from_hf(tmp_path / "src", tmp_path / "run")
@@ -506,7 +512,7 @@ REMOTE = {
     "domain_steer": ["moe.router.name=domain_steer", "moe.router.file={steering}"],
     # ... with everything else the remote architecture holds.
     "hyper_mixed": ["moe.router.name=hyper", "moe.layer_freq=[0,1]", "moe.shared_expert_size=48",
-                    "model.ffn_hidden_size=96", "model.qk_norm=full", "model.num_query_groups=2",
+                    "moe.shared_expert_gate=true", "model.ffn_hidden_size=96", "model.qk_norm=full", "model.num_query_groups=2",
                     "model.share_embeddings=true", "model.vocab_size=500"],
 }
 

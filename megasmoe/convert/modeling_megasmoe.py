@@ -5,7 +5,7 @@ Self-contained: imports only torch and transformers, because ``megasmoe convert 
 --remote-code`` copies this file into the export directory. It is the same network as
 megasmoe's megatron-core GPTModel: RMSNorm pre-norm blocks, RoPE over the whole head,
 grouped-query attention (optionally OLMoE-style full-width q/k norms), SwiGLU experts,
-an optional ungated shared expert, optional dense layers, and a softmax router whose
+an optional (sigmoid-gated) shared expert, optional dense layers, and a softmax router whose
 linear gate may carry a per-expert logit **bias** (HyperRouter's generated b, DSMoE's
 steering bias), which is what the standard targets lack:
 
@@ -35,7 +35,7 @@ class MegasmoeMoeConfig(PretrainedConfig):
     def __init__(self, vocab_size=4096, hidden_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=None, intermediate_size=512,
                  moe_intermediate_size=256, shared_expert_intermediate_size=0,
-                 mlp_only_layers=None, num_experts=8, num_experts_per_tok=2,
+                 shared_expert_gate=False, mlp_only_layers=None, num_experts=8, num_experts_per_tok=2,
                  norm_topk_prob=True, routed_scaling_factor=None, router_bias=True,
                  qk_norm="none", rms_norm_eps=1e-5, rope_theta=10000.0,
                  max_position_embeddings=4096, tie_word_embeddings=False,
@@ -48,6 +48,7 @@ class MegasmoeMoeConfig(PretrainedConfig):
         self.intermediate_size = intermediate_size  # dense layers (mlp_only_layers)
         self.moe_intermediate_size = moe_intermediate_size
         self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self.shared_expert_gate = shared_expert_gate
         self.mlp_only_layers = list(mlp_only_layers or [])
         self.num_experts = num_experts
         self.num_experts_per_tok = num_experts_per_tok
@@ -144,6 +145,9 @@ class MegasmoeMoE(nn.Module):
             MegasmoeMLP(h, config.moe_intermediate_size) for _ in range(config.num_experts))
         self.shared_expert = (MegasmoeMLP(h, config.shared_expert_intermediate_size)
                               if config.shared_expert_intermediate_size else None)
+        self.shared_expert_gate = (nn.Linear(h, 1, bias=False)
+                                   if self.shared_expert is not None and config.shared_expert_gate
+                                   else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -163,7 +167,10 @@ class MegasmoeMoE(nn.Module):
                 y = expert(flat[token]) * probs[token, slot, None].to(flat.dtype)
                 out.index_add_(0, token, y)
         if self.shared_expert is not None:
-            out = out + self.shared_expert(flat)
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared
         return out.reshape(shape)
 
 

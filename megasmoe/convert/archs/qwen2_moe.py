@@ -2,18 +2,20 @@
 
 Routing: softmax over all experts, top-k, renormalised when ``norm_topk_prob`` (=
 megatron pre_softmax=false) or not (= pre_softmax=true). Dense layers are listed in
-``mlp_only_layers``. Two Qwen2-MoE parts megasmoe lacks are written so that they act
-as identities, exactly:
+``mlp_only_layers``. Qwen2-MoE parts a megasmoe model may lack are written so that
+they act as identities, exactly:
 
 - q/k/v biases (``qkv_bias``, on by default and expected by other Qwen2-MoE readers):
   written as zeros (x + 0 = x);
-- the shared expert's sigmoid gate: megasmoe's shared expert is ungated, so the gate
-  weight is written as zeros and the shared down projection doubled:
-  sigmoid(0) (2 W) h = W h exactly (scaling by powers of two is exact in floating
-  point). A megasmoe model without shared expert gets a zero-width one.
+- the shared expert's sigmoid gate, for an ungated shared expert
+  (``moe.shared_expert_gate=false``): the gate weight is written as zeros and the shared
+  down projection doubled: sigmoid(0) (2 W) h = W h exactly (scaling by powers of two
+  is exact in floating point). A megasmoe model without shared expert gets a
+  zero-width one.
 
-On import, nonzero q/k/v biases or a nonzero shared-expert gate are refused (megasmoe
-has neither).
+On import, nonzero q/k/v biases are refused (megasmoe's attention has none); a nonzero
+shared-expert gate becomes ``moe.shared_expert_gate=true`` (megatron's sigmoid-gated
+shared expert, the same function), and a gated megasmoe model exports its gate as is.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from megasmoe.convert.archs.base import (
     require_zero,
 )
 from megasmoe.convert.archs.checks import check_common, require
-from megasmoe.convert.errors import ConversionError
 from megasmoe.convert.megatron_layout import ModelShape
 from megasmoe.convert.routers import Routing
 
@@ -127,6 +128,11 @@ class Qwen2Moe(Arch):
         model = common_model_overrides(cfg, cfg["hidden_size"], cfg["num_attention_heads"])
         model["ffn_hidden_size"] = cfg["intermediate_size"]
         S = cfg.get("shared_expert_intermediate_size", 0) or 0
+        # A gate that is zero everywhere (megasmoe's own ungated exports) imports ungated;
+        # any nonzero gate (Qwen's checkpoints) makes megasmoe's shared expert gated.
+        gated = bool(S) and any(
+            bool(hf.tensors[f"model.layers.{i}.mlp.shared_expert_gate.weight"].abs().max() != 0)
+            for i in range(L) if pattern[i])
         canonical: dict = {}
         self.import_common(hf, L, model["share_embeddings"], canonical)
         for i in range(L):
@@ -144,21 +150,21 @@ class Qwen2Moe(Arch):
             sp = f"{p}.mlp.shared_expert"
             gate = hf.take(f"{p}.mlp.shared_expert_gate.weight")
             if S:
-                if bool(gate.abs().max() != 0):
-                    raise ConversionError(
-                        f"{p}.mlp.shared_expert_gate.weight is not zero: megasmoe's shared "
-                        f"expert has no sigmoid gate (megatron's moe_shared_expert_gate is not "
-                        f"exposed as a megasmoe config field)")
                 canonical[f"layers.{i}.shared.gate"] = hf.take(f"{sp}.gate_proj.weight")
                 canonical[f"layers.{i}.shared.up"] = hf.take(f"{sp}.up_proj.weight")
-                # sigmoid(0) = 1/2 exactly: the ungated expert is W / 2, exactly.
-                canonical[f"layers.{i}.shared.down"] = hf.take(f"{sp}.down_proj.weight") / 2
+                down = hf.take(f"{sp}.down_proj.weight")
+                if gated:
+                    canonical[f"layers.{i}.shared.gate_weight"] = gate
+                    canonical[f"layers.{i}.shared.down"] = down
+                else:  # sigmoid(0) = 1/2 exactly: the ungated expert is W / 2, exactly
+                    canonical[f"layers.{i}.shared.down"] = down / 2
             else:
                 for n in ("gate_proj", "up_proj", "down_proj"):
                     hf.get(f"{sp}.{n}.weight")  # zero-width: nothing to carry over
         moe = {"num_experts": E, "topk": cfg["num_experts_per_tok"],
                "ffn_hidden_size": cfg["moe_intermediate_size"], "layer_freq": layer_freq(pattern),
-               "shared_expert_size": S, "aux_loss_coeff": cfg.get("router_aux_loss_coef", 0.01),
+               "shared_expert_size": S, "shared_expert_gate": gated,
+               "aux_loss_coeff": cfg.get("router_aux_loss_coef", 0.01),
                "router": {"name": "topk", "score_function": "softmax",
                           "pre_softmax": not cfg.get("norm_topk_prob", False)}}
         return ImportedModel({"model": model, "moe": moe}, canonical)

@@ -3,7 +3,8 @@
 The target of last resort, used only with ``--remote-code``: it holds what no standard
 architecture does, a per-expert bias on the router logits (HyperRouter's generated b,
 DSMoE's steering bias), together with everything the standard targets hold (softmax
-top-k either way, scaling, shared expert, dense layers, GQA, full-width q/k norms).
+top-k either way, scaling, a gated or ungated shared expert, dense layers, GQA,
+full-width q/k norms).
 Its modeling file, ``megasmoe/convert/modeling_megasmoe.py``, is copied into the export
 and named in config.json's ``auto_map``; readers load it with ``trust_remote_code=True``.
 Never an import source.
@@ -43,8 +44,6 @@ class MegasmoeRemote(Arch):
             return f"moe.router.score_function={routing.score_function} (softmax only)"
         if routing.selection_bias:
             return "the router's expert selection bias"
-        if extra.get("shared_expert_gate"):
-            return "a gated shared expert"
         return None
 
     def hf_config(self, shape: ModelShape, routing: Routing, extra: dict) -> dict:
@@ -55,6 +54,7 @@ class MegasmoeRemote(Arch):
             num_key_value_heads=shape.num_query_groups, intermediate_size=shape.ffn_hidden_size,
             moe_intermediate_size=shape.moe_ffn_hidden_size,
             shared_expert_intermediate_size=shape.shared_expert_size,
+            shared_expert_gate=bool(extra.get("shared_expert_gate")),
             mlp_only_layers=[i for i, moe in enumerate(shape.moe_layers) if not moe],
             num_experts=shape.num_experts, num_experts_per_tok=routing.topk,
             norm_topk_prob=routing.normalize, routed_scaling_factor=routing.scaling,
@@ -87,6 +87,9 @@ class MegasmoeRemote(Arch):
             if shape.shared_expert_size:
                 for c, h in self.mlp(f"layers.{i}.shared", f"{p}.mlp.shared_expert"):
                     out[h] = canon.take(c)
+                if extra.get("shared_expert_gate"):
+                    out[f"{p}.mlp.shared_expert_gate.weight"] = canon.take(
+                        f"layers.{i}.shared.gate_weight")
         return out
 
     def import_checkpoint(self, cfg: dict, hf: Tensors) -> ImportedModel:
