@@ -108,6 +108,8 @@ class ModelConfig:
     """Tie input embedding and output layer weights."""
     dropout: float = 0.0
     """Hidden and attention dropout."""
+    qkv_bias: bool = False
+    """Biases on the query/key/value projections (Qwen-MoE); megatron's add_qkv_bias."""
     qk_norm: str = "none"
     """RMSNorm of queries and keys before RoPE: none, or full (over the whole q / k
     projection, all heads at once, as in OLMoE)."""

@@ -166,6 +166,7 @@ def to_transformer_config(cfg: Config) -> TransformerConfig:
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
+        add_qkv_bias=m.qkv_bias,
         hidden_dropout=m.dropout,
         attention_dropout=m.dropout,
         init_method_std=m.init_std,

@@ -46,8 +46,9 @@ LAYOUTS = {
     "ep2": ["parallel.ep=2"],
     # Full-width q/k norms (TP-sharded weights): OLMoE.
     "tp2_qknorm": ["parallel.ep=1", "parallel.tp=2", "parallel.sp=true", "model.qk_norm=full"],
+    # q/k/v biases (TP-sharded with the grouped QKV rows): Qwen2-MoE.
     "tp2_pp2": ["parallel.world_size=4", "parallel.ep=1", "parallel.tp=2", "parallel.sp=true",
-                "parallel.pp=2"],
+                "parallel.pp=2", "model.qkv_bias=true"],
     # Per-layer checkpoint keys split over two stages, a dense layer, a gated shared
     # expert, top-k of softmax, GQA and a padded vocabulary (4000 -> 4096): Qwen2-MoE.
     "pp2_mixed": ["parallel.ep=1", "parallel.pp=2", "moe.layer_freq=[1,0,1,1]",
@@ -141,8 +142,8 @@ def test_export_matches_megasmoe_logits_and_loss(trained, layout):
     report = trained.export(layout)
     out = report.out_dir
     mixed = layout == "pp2_mixed"
-    architecture = ("Qwen2MoeForCausalLM" if mixed else "OlmoeForCausalLM"
-                    if layout == "tp2_qknorm" else "MixtralForCausalLM")
+    architecture = {"pp2_mixed": "Qwen2MoeForCausalLM", "tp2_pp2": "Qwen2MoeForCausalLM",
+                    "tp2_qknorm": "OlmoeForCausalLM"}.get(layout, "MixtralForCausalLM")
     assert report.architecture == architecture
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
@@ -153,6 +154,8 @@ def test_export_matches_megasmoe_logits_and_loss(trained, layout):
     vocab = 4000 if mixed else 4096
     assert (config["vocab_size"], config["num_experts_per_tok"]) == (vocab, 2)
     assert hf_tensors(out)["model.embed_tokens.weight"].shape == (vocab, 128)  # un-padded
+    if layout == "tp2_pp2":  # the trained q/k/v biases, written as Qwen2-MoE's
+        assert hf_tensors(out)["model.layers.3.self_attn.k_proj.bias"].abs().max() > 0
     if mixed:  # megasmoe's learned shared-expert gate, written as Qwen2-MoE's
         assert hf_tensors(out)["model.layers.0.mlp.shared_expert_gate.weight"].abs().max() > 0
         assert (config["mlp_only_layers"], config["shared_expert_intermediate_size"],
@@ -238,7 +241,7 @@ def build_hf(kind: str, **changes):
     if kind == "mixtral":
         return tf.MixtralForCausalLM(tf.MixtralConfig(
             **common, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, **changes))
-    if kind in ("qwen2_moe", "qwen2_moe_gated"):
+    if kind in ("qwen2_moe", "qwen2_moe_real"):
         model = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(
             **common, intermediate_size=96, moe_intermediate_size=32,
             shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
@@ -248,10 +251,14 @@ def build_hf(kind: str, **changes):
             for layer in model.model.layers:
                 if hasattr(layer.mlp, "shared_expert_gate"):
                     gate = layer.mlp.shared_expert_gate.weight
-                    if kind == "qwen2_moe_gated":  # as in Qwen's checkpoints
+                    if kind == "qwen2_moe_real":  # as in Qwen's checkpoints
                         gate.copy_(torch.randn(gate.shape, generator=gen))
                     else:  # zero: what an ungated megasmoe model exports (sigmoid(0) * 2 W)
                         gate.zero_()
+                if kind == "qwen2_moe_real":  # Qwen's attention has trained q/k/v biases
+                    for proj in ("q_proj", "k_proj", "v_proj"):
+                        bias = getattr(layer.self_attn, proj).bias
+                        bias.copy_(torch.randn(bias.shape, generator=gen) / 10)
         return model
     if kind == "glm4_moe":
         common["rope_parameters"] = {**common["rope_parameters"], "partial_rotary_factor": 1.0}
@@ -318,8 +325,9 @@ ROUND_TRIP = {
                                        "pre_softmax": False}),
     "qwen2_moe": ("Qwen2MoeForCausalLM", {"name": "topk", "score_function": "softmax",
                                           "pre_softmax": True}),
-    # A nonzero shared-expert gate: moe.shared_expert_gate=true.
-    "qwen2_moe_gated": ("Qwen2MoeForCausalLM", {"name": "topk", "score_function": "softmax",
+    # As Qwen's checkpoints: a nonzero shared-expert gate (moe.shared_expert_gate=true)
+    # and nonzero q/k/v biases (model.qkv_bias=true).
+    "qwen2_moe_real": ("Qwen2MoeForCausalLM", {"name": "topk", "score_function": "softmax",
                                                 "pre_softmax": True}),
     "glm4_moe": ("Glm4MoeForCausalLM", {"name": "sigmoid_bias", "topk_scaling_factor": 2.5}),
     # OLMoE's full-width q/k norms: megasmoe's model.qk_norm=full.
@@ -342,8 +350,9 @@ def test_hf_round_trip_is_bitwise_and_logits_match(round_trips, kind):
                   "routed_scaling_factor", "n_shared_experts"):
         assert a.get(field) == b.get(field), field
     if kind.startswith("qwen2_moe"):
-        gated = kind == "qwen2_moe_gated"
-        assert f"shared_expert_gate: {str(gated).lower()}" in (run / "config.yaml").read_text()
+        real = str(kind == "qwen2_moe_real").lower()
+        config = (run / "config.yaml").read_text()
+        assert f"shared_expert_gate: {real}" in config and f"qkv_bias: {real}" in config
     # megasmoe's own model (megatron, world size 1) against the source HF model.
     assert_parity(verify(run, src, eval_token_ids(300, back)), padded=True)
     if kind == "mixtral":  # the tokenizer travels: HF -> run's data.tokenizer -> HF
@@ -512,7 +521,8 @@ REMOTE = {
     "domain_steer": ["moe.router.name=domain_steer", "moe.router.file={steering}"],
     # ... with everything else the remote architecture holds.
     "hyper_mixed": ["moe.router.name=hyper", "moe.layer_freq=[0,1]", "moe.shared_expert_size=48",
-                    "moe.shared_expert_gate=true", "model.ffn_hidden_size=96", "model.qk_norm=full", "model.num_query_groups=2",
+                    "moe.shared_expert_gate=true", "model.ffn_hidden_size=96",
+                    "model.qkv_bias=true", "model.qk_norm=full", "model.num_query_groups=2",
                     "model.share_embeddings=true", "model.vocab_size=500"],
 }
 

@@ -17,7 +17,7 @@ megatron stores (global shapes, as megasmoe's GPTModel writes them):
 Canonical names (one tensor each, vocabulary un-padded): ``embed``, ``lm_head`` (absent
 when tied), ``final_norm``, and per layer ``layers.<i>.`` + ``input_norm``, ``q``, ``k``,
 ``v``, ``o``, ``mlp_norm`` (and ``q_norm`` / ``k_norm`` [heads x head_dim] with
-model.qk_norm=full); dense layers ``mlp.gate|up|down``; MoE layers
+model.qk_norm=full, ``q_bias`` / ``k_bias`` / ``v_bias`` with model.qkv_bias); dense layers ``mlp.gate|up|down``; MoE layers
 ``experts.gate|up`` [E, I, H], ``experts.down`` [E, H, I], ``shared.gate|up|down``,
 ``shared.gate_weight`` (a sigmoid-gated shared expert), and the router's own tensors as
 ``router.<name>`` (what they mean is the router exporter's business, see routers.py).
@@ -42,6 +42,7 @@ _LAYER_MAP = {
     "self_attention.linear_qkv.layer_norm_weight": "input_norm",
     "input_layernorm.weight": "input_norm",
     "self_attention.linear_qkv.weight": "qkv",
+    "self_attention.linear_qkv.bias": "qkv_bias",
     "self_attention.linear_proj.weight": "o",
     "self_attention.q_layernorm.weight": "q_norm",
     "self_attention.k_layernorm.weight": "k_norm",
@@ -84,6 +85,7 @@ class ModelShape:
     tied: bool
     seq_length: int
     qk_norm: str = "none"
+    qkv_bias: bool = False
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelShape":
@@ -103,7 +105,7 @@ class ModelShape:
             shared_expert_size=e.get("shared_expert_size") or 0, moe_layers=pattern,
             norm_eps=m["norm_eps"], rope_base=m["rope_base"],
             tied=bool(m.get("share_embeddings")), seq_length=cfg["train"]["seq_length"],
-            qk_norm=m.get("qk_norm", "none"),
+            qk_norm=m.get("qk_norm", "none"), qkv_bias=bool(m.get("qkv_bias", False)),
         )
 
 
@@ -165,6 +167,9 @@ def to_canonical(tensors: dict, shape: ModelShape) -> tuple[dict, set]:
             unknown.add(key)
         elif name == "qkv":
             out[p + "q"], out[p + "k"], out[p + "v"] = split_qkv(t, shape)
+        elif name == "qkv_bias":  # grouped like the weight's rows
+            q, k, v = split_qkv(t[:, None], shape)
+            out[p + "q_bias"], out[p + "k_bias"], out[p + "v_bias"] = q[:, 0], k[:, 0], v[:, 0]
         elif name.startswith("fc1:"):
             gate, up = t.chunk(2, dim=-2)
             part = name[4:]
@@ -187,6 +192,9 @@ def _layer_tensor(canonical: dict, i: int, suffix: str, shape: ModelShape, used:
         if name == "qkv":
             names = [p + "q", p + "k", p + "v"]
             build = lambda ts: merge_qkv(*ts, shape)  # noqa: E731
+        elif name == "qkv_bias":
+            names = [p + "q_bias", p + "k_bias", p + "v_bias"]
+            build = lambda ts: merge_qkv(*(t[:, None] for t in ts), shape)[:, 0]  # noqa: E731
         elif name.startswith("fc1:"):
             names = [p + name[4:] + ".gate", p + name[4:] + ".up"]
             build = lambda ts: torch.cat(ts, dim=-2)  # noqa: E731

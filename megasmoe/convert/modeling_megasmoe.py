@@ -4,7 +4,7 @@ architecture holds (exported with ``--remote-code``; load with ``trust_remote_co
 Self-contained: imports only torch and transformers, because ``megasmoe convert to-hf
 --remote-code`` copies this file into the export directory. It is the same network as
 megasmoe's megatron-core GPTModel: RMSNorm pre-norm blocks, RoPE over the whole head,
-grouped-query attention (optionally OLMoE-style full-width q/k norms), SwiGLU experts,
+grouped-query attention (optionally q/k/v biases and OLMoE-style full-width q/k norms), SwiGLU experts,
 an optional (sigmoid-gated) shared expert, optional dense layers, and a softmax router whose
 linear gate may carry a per-expert logit **bias** (HyperRouter's generated b, DSMoE's
 steering bias), which is what the standard targets lack:
@@ -37,7 +37,7 @@ class MegasmoeMoeConfig(PretrainedConfig):
                  moe_intermediate_size=256, shared_expert_intermediate_size=0,
                  shared_expert_gate=False, mlp_only_layers=None, num_experts=8, num_experts_per_tok=2,
                  norm_topk_prob=True, routed_scaling_factor=None, router_bias=True,
-                 qk_norm="none", rms_norm_eps=1e-5, rope_theta=10000.0,
+                 qk_norm="none", attention_bias=False, rms_norm_eps=1e-5, rope_theta=10000.0,
                  max_position_embeddings=4096, tie_word_embeddings=False,
                  initializer_range=0.02, **kwargs):
         self.vocab_size = vocab_size
@@ -56,6 +56,7 @@ class MegasmoeMoeConfig(PretrainedConfig):
         self.routed_scaling_factor = routed_scaling_factor
         self.router_bias = router_bias
         self.qk_norm = qk_norm
+        self.attention_bias = attention_bias  # on q/k/v only (Qwen's layout)
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
         self.max_position_embeddings = max_position_embeddings
@@ -92,9 +93,10 @@ class MegasmoeAttention(nn.Module):
         self.kv_heads = config.num_key_value_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
         if config.qk_norm == "full":
             self.q_norm = MegasmoeRMSNorm(self.heads * self.head_dim, config.rms_norm_eps)

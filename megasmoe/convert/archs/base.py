@@ -177,6 +177,8 @@ class Arch:
 def plain_moe_unsupported(arch: str, shape: ModelShape, routing: Routing) -> Optional[str]:
     """Why a Mixtral-like target (softmax gate, every layer MoE, no shared expert, no
     expert bias) cannot hold the model; None when it can."""
+    if shape.qkv_bias:
+        return f"model.qkv_bias=true ({arch} has no q/k/v biases)"
     if routing.score_function != "softmax":
         return f"moe.router.score_function={routing.score_function} ({arch} uses softmax)"
     if routing.selection_bias:

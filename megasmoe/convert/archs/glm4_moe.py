@@ -49,6 +49,8 @@ class Glm4Moe(Arch):
     def unsupported(self, shape: ModelShape, routing: Routing, extra: dict) -> Optional[str]:
         if shape.qk_norm != "none":
             return f"model.qk_norm={shape.qk_norm} (GLM4-MoE has no full-width q/k norm)"
+        if shape.qkv_bias:
+            return "model.qkv_bias=true (written GLM4-MoE configs have attention_bias=false)"
         if routing.score_function != "sigmoid":
             return f"moe.router.score_function={routing.score_function} (GLM4-MoE uses sigmoid)"
         if routing.normalize != (routing.topk > 1):

@@ -6,15 +6,15 @@ megatron pre_softmax=false) or not (= pre_softmax=true). Dense layers are listed
 they act as identities, exactly:
 
 - q/k/v biases (``qkv_bias``, on by default and expected by other Qwen2-MoE readers):
-  written as zeros (x + 0 = x);
+  written as zeros (x + 0 = x) unless the model has them (``model.qkv_bias``);
 - the shared expert's sigmoid gate, for an ungated shared expert
   (``moe.shared_expert_gate=false``): the gate weight is written as zeros and the shared
   down projection doubled: sigmoid(0) (2 W) h = W h exactly (scaling by powers of two
   is exact in floating point). A megasmoe model without shared expert gets a
   zero-width one.
 
-On import, nonzero q/k/v biases are refused (megasmoe's attention has none); a nonzero
-shared-expert gate becomes ``moe.shared_expert_gate=true`` (megatron's sigmoid-gated
+On import, nonzero q/k/v biases set ``model.qkv_bias=true`` (megatron's add_qkv_bias);
+a nonzero shared-expert gate becomes ``moe.shared_expert_gate=true`` (megatron's sigmoid-gated
 shared expert, the same function), and a gated megasmoe model exports its gate as is.
 """
 
@@ -30,7 +30,6 @@ from megasmoe.convert.archs.base import (
     Tensors,
     common_model_overrides,
     layer_freq,
-    require_zero,
 )
 from megasmoe.convert.archs.checks import check_common, require
 from megasmoe.convert.megatron_layout import ModelShape
@@ -94,7 +93,9 @@ class Qwen2Moe(Arch):
             dtype = out[f"{p}.self_attn.q_proj.weight"].dtype
             for proj in ("q", "k", "v"):
                 rows = out[f"{p}.self_attn.{proj}_proj.weight"].shape[0]
-                out[f"{p}.self_attn.{proj}_proj.bias"] = torch.zeros(rows, dtype=dtype)
+                out[f"{p}.self_attn.{proj}_proj.bias"] = (
+                    canon.take(f"layers.{i}.{proj}_bias") if shape.qkv_bias
+                    else torch.zeros(rows, dtype=dtype))
             if not shape.moe_layers[i]:
                 for c, h in self.mlp(f"layers.{i}.mlp", f"{p}.mlp"):
                     out[h] = canon.take(c)
@@ -133,14 +134,20 @@ class Qwen2Moe(Arch):
         gated = bool(S) and any(
             bool(hf.tensors[f"model.layers.{i}.mlp.shared_expert_gate.weight"].abs().max() != 0)
             for i in range(L) if pattern[i])
+        # Zero q/k/v biases everywhere (megasmoe's bias-free exports) import without
+        # biases; any nonzero one (Qwen's checkpoints) sets model.qkv_bias.
+        biases = [f"model.layers.{i}.self_attn.{proj}_proj.bias" for i in range(L)
+                  for proj in ("q", "k", "v")] if cfg.get("qkv_bias", True) else []
+        model["qkv_bias"] = any(bool(hf.tensors[b].abs().max() != 0) for b in biases
+                                if hf.tensors[b].numel())
         canonical: dict = {}
         self.import_common(hf, L, model["share_embeddings"], canonical)
         for i in range(L):
             p = f"model.layers.{i}"
-            if cfg.get("qkv_bias", True):
-                for proj in ("q", "k", "v"):
-                    require_zero(hf, f"{p}.self_attn.{proj}_proj.bias",
-                                 "megasmoe's attention has no bias")
+            for proj in ("q", "k", "v") if biases else ():
+                bias = hf.take(f"{p}.self_attn.{proj}_proj.bias")
+                if model["qkv_bias"]:
+                    canonical[f"layers.{i}.{proj}_bias"] = bias
             if not pattern[i]:
                 for c, h in self.mlp(f"layers.{i}.mlp", f"{p}.mlp"):
                     canonical[c] = hf.take(h)

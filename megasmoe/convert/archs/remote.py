@@ -3,8 +3,8 @@
 The target of last resort, used only with ``--remote-code``: it holds what no standard
 architecture does, a per-expert bias on the router logits (HyperRouter's generated b,
 DSMoE's steering bias), together with everything the standard targets hold (softmax
-top-k either way, scaling, a gated or ungated shared expert, dense layers, GQA,
-full-width q/k norms).
+top-k either way, scaling, a gated or ungated shared expert, dense layers, GQA, q/k/v
+biases, full-width q/k norms).
 Its modeling file, ``megasmoe/convert/modeling_megasmoe.py``, is copied into the export
 and named in config.json's ``auto_map``; readers load it with ``trust_remote_code=True``.
 Never an import source.
@@ -59,6 +59,7 @@ class MegasmoeRemote(Arch):
             num_experts=shape.num_experts, num_experts_per_tok=routing.topk,
             norm_topk_prob=routing.normalize, routed_scaling_factor=routing.scaling,
             router_bias=bool(extra.get("logit_bias")), qk_norm=shape.qk_norm,
+            attention_bias=shape.qkv_bias,
             rms_norm_eps=shape.norm_eps, rope_theta=float(shape.rope_base),
             max_position_embeddings=shape.seq_length, tie_word_embeddings=shape.tied,
             auto_map={"AutoConfig": f"{module}.MegasmoeMoeConfig",
@@ -73,6 +74,9 @@ class MegasmoeRemote(Arch):
             if shape.qk_norm == "full":
                 for c in ("q_norm", "k_norm"):
                     out[f"{p}.self_attn.{c}.weight"] = canon.take(f"layers.{i}.{c}")
+            if shape.qkv_bias:
+                for proj in ("q", "k", "v"):
+                    out[f"{p}.self_attn.{proj}_proj.bias"] = canon.take(f"layers.{i}.{proj}_bias")
             if not shape.moe_layers[i]:
                 for c, h in self.mlp(f"layers.{i}.mlp", f"{p}.mlp"):
                     out[h] = canon.take(c)
