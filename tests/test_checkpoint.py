@@ -5,8 +5,9 @@ metrics.jsonl. The uninterrupted reference runs are module-scoped and shared:
 
 * an interrupted run (exit_at_step, kill -9, SIGTERM) resumed on the same layout must
   reproduce the reference losses bitwise, with every step logged exactly once;
-* a checkpoint saved at EP=2 resumes at world size 1, TP=2+SP, PP=2 (and the
-  distributed optimizer at another layout) with the same next-step loss (1e-5);
+* a checkpoint saved at EP=2 resumes at world size 1, TP=2+SP, PP=2, PP=2+VPP=2, one
+  saved at TP=2+SP+PP=2 at world size 1 (and the distributed optimizer at another
+  layout) with the same next-step loss (1e-5);
 * an incomplete newest checkpoint (truncated file, half-written ``.tmp``) is skipped
   for the newest complete one, with a warning naming both;
 * every expert of an EP=2 checkpoint is stored once, under its global id.
@@ -294,6 +295,28 @@ def test_resume_on_another_layout(layout, ref_ep2, tmp_path):
     meta = ckpt.read_meta(ckpt.checkpoint_root(run_dir) / "iter_0000012")
     assert meta["step"] == 12 and meta["consumed_samples"] == 96
     assert meta["layout"]["ep"] == 1 and meta["layout"]["world_size"] == nproc
+
+
+@pytest.fixture(scope="module")
+def tp2_pp2_src(tmp_path_factory) -> Path:
+    """TP=2+SP and PP=2 (4 processes): checkpoint at step 10, losses up to 12."""
+    run_dir = tmp_path_factory.mktemp("tp2pp2") / "src"
+    run_megasmoe(pretrain_args(run_dir, "parallel.world_size=4", "parallel.ep=1",
+                               "parallel.tp=2", "parallel.sp=true", "parallel.pp=2",
+                               "checkpoint.interval=10", "train.exit_at_step=12"), nproc=4)
+    return run_dir
+
+
+def test_tp2_pp2_checkpoint_resumes_at_world_size_1(tp2_pp2_src, tmp_path):
+    """TP=2 -> TP=1 and PP=2 -> PP=1 at once: the same step-11 loss as the saving run."""
+    run_dir = tmp_path / "run"
+    seed_run_dir(run_dir, ckpt.checkpoint_root(tp2_pp2_src) / "iter_0000010")
+    proc = run_megasmoe(pretrain_args(run_dir, *WS1, "train.exit_at_step=12"), nproc=1)
+    assert "at step 10" in proc.stdout and "new parallel layout, RNG re-seeded" in proc.stdout
+    losses, want = train_losses(run_dir), train_losses(tp2_pp2_src)
+    assert sorted(losses) == [11, 12]
+    assert abs(losses[11] - want[11]) < 1e-5, (losses[11], want[11])
+    assert abs(losses[12] - want[12]) < 1e-3, (losses[12], want[12])
 
 
 DISTOPT = "train.distributed_optimizer=true"
