@@ -550,6 +550,16 @@ def test_router_logit_bias_exports_with_remote_code(tmp_path, steering_file, cas
     # Never a silent plain model: without trust_remote_code transformers refuses it.
     with pytest.raises(Exception, match="trust_remote_code"):
         AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=False)
+    if case == "hyper":  # generate (no KV cache) is greedy decoding by its own logits
+        model = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True)
+        ids = eval_token_ids(vocab)[:, :8]
+        want = ids
+        with torch.no_grad():
+            for _ in range(5):
+                next_id = model(want).logits[:, -1].argmax(-1, keepdim=True)
+                want = torch.cat([want, next_id], dim=1)
+            got = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(got, want)
 
 
 def test_remote_code_is_a_last_resort(tmp_path):

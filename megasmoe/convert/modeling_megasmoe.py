@@ -12,8 +12,8 @@ steering bias), which is what the standard targets lack:
     logits = x W^T + b;  p = softmax(logits);  top-k of p;  renormalise if norm_topk_prob;
     times routed_scaling_factor.
 
-For loss and logits (perplexity, log-likelihood evaluation): there is no KV cache and
-no ``generate``.
+Loss, logits and ``generate``; there is no KV cache, so each generated token
+re-reads the whole sequence (fine for evaluation, slow for long generations).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 __all__ = ["MegasmoeMoeConfig", "MegasmoeMoeForCausalLM"]
@@ -239,7 +239,7 @@ class MegasmoeMoeModel(MegasmoeMoePreTrainedModel):
         return self.norm(x)
 
 
-class MegasmoeMoeForCausalLM(MegasmoeMoePreTrainedModel):
+class MegasmoeMoeForCausalLM(MegasmoeMoePreTrainedModel, GenerationMixin):
     """The language model: logits and the shifted next-token loss."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -252,6 +252,10 @@ class MegasmoeMoeForCausalLM(MegasmoeMoePreTrainedModel):
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        """No KV cache: every generation step reads the whole sequence."""
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def get_output_embeddings(self):
         return self.lm_head
