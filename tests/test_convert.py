@@ -668,6 +668,11 @@ def test_cli_handlers(tmp_path, capsys):
     assert args.fn(args) == 0
     out = capsys.readouterr().out
     assert "architecture MixtralForCausalLM" in out and "next-token agreement    1.0000" in out
+    hyper = make_checkpoint(tmp_path / "hyper", ["moe.router.name=hyper"])
+    args = parser.parse_args(["convert", "to-hf", str(hyper), str(tmp_path / "hf3"),
+                              "--remote-code"])
+    assert args.fn(args) == 0
+    assert "architecture MegasmoeMoeForCausalLM" in capsys.readouterr().out
 
 
 def test_module_entry_point_prints_one_line_errors(tmp_path):
