@@ -108,11 +108,15 @@ class ModelConfig:
     """Tie input embedding and output layer weights."""
     dropout: float = 0.0
     """Hidden and attention dropout."""
+    head_dim: Optional[int] = None
+    """Width of each attention head; null = hidden_size / num_heads (megatron's
+    kv_channels)."""
     qkv_bias: bool = False
     """Biases on the query/key/value projections (Qwen-MoE); megatron's add_qkv_bias."""
     qk_norm: str = "none"
-    """RMSNorm of queries and keys before RoPE: none, or full (over the whole q / k
-    projection, all heads at once, as in OLMoE)."""
+    """RMSNorm of queries and keys before RoPE: none, head (each head on its own,
+    megatron's qk_layernorm, as in Qwen3-MoE) or full (the whole q / k projection,
+    all heads at once, as in OLMoE)."""
 
 
 @dataclass
@@ -552,6 +556,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
             value = getattr(getattr(cfg, section), name)
             _require(value >= 1, f"{section}.{name}={value} must be >= 1")
     for dotted, value in (("model.num_query_groups", m.num_query_groups),
+                          ("model.head_dim", m.head_dim),
                           ("model.ffn_hidden_size", m.ffn_hidden_size),
                           ("train.exit_at_step", t.exit_at_step),
                           ("train.wsd_decay_steps", t.wsd_decay_steps)):
@@ -574,12 +579,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         f"model.num_query_groups={groups} must divide num_heads={m.num_heads} and be "
         f"divisible by parallel.tp={p.tp}",
     )
-    _require(m.qk_norm in ("none", "full"),
-             f"model.qk_norm={m.qk_norm!r} is unknown; use none or full")
+    _require(m.qk_norm in ("none", "head", "full"),
+             f"model.qk_norm={m.qk_norm!r} is unknown; use none, head or full")
     _require(
-        m.hidden_size % m.num_heads == 0,
+        m.head_dim is not None or m.hidden_size % m.num_heads == 0,
         f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
-        f"change one of them",
+        f"change one of them or set model.head_dim",
     )
     _require(e.num_experts >= 1, "moe.num_experts must be >= 1")
     _require(

@@ -160,6 +160,10 @@ def to_transformer_config(cfg: Config) -> TransformerConfig:
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_heads,
         num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,  # None: megatron's hidden_size / num_heads
+        # Per-head q/k norms (qk_norm=head) are megatron's own; full-width ones are our
+        # module, placed in the spec, and must not get megatron's TP grad all-reduce.
+        qk_layernorm=m.qk_norm == "head",
         ffn_hidden_size=m.ffn_hidden_size or 4 * m.hidden_size,
         normalization="RMSNorm",
         layernorm_epsilon=m.norm_eps,
@@ -234,9 +238,11 @@ def decoder_block_spec(tc: TransformerConfig, cfg: Config, vp_stage: Optional[in
         if not use_te:
             sub.input_layernorm = RMSNorm
             sub.pre_mlp_layernorm = RMSNorm
+        attn = sub.self_attention.submodules
         if cfg.model.qk_norm == "full":
-            attn = sub.self_attention.submodules
             attn.q_layernorm, attn.k_layernorm = FullWidthQNorm, FullWidthKNorm
+        elif cfg.model.qk_norm == "head" and not use_te:
+            attn.q_layernorm = attn.k_layernorm = RMSNorm
         if getattr(sub.mlp, "module", None) is MoELayer:
             sub.mlp.submodules.router = router
         layers.append(spec)

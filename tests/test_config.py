@@ -442,8 +442,17 @@ def test_shared_expert_gate_needs_a_shared_expert():
 
 
 def test_qk_norm_values():
-    assert "model.qk_norm='head' is unknown; use none or full" in config_error(
-        ["model.qk_norm=head"])
+    assert "model.qk_norm='per_head' is unknown; use none, head or full" in config_error(
+        ["model.qk_norm=per_head"])
+
+
+def test_head_dim_frees_hidden_from_heads():
+    """hidden_size need not divide by num_heads when model.head_dim is set."""
+    cfg = validate(load_config(TINY, ["model.hidden_size=130", "model.head_dim=32"]))
+    from megasmoe.model import to_transformer_config
+
+    assert to_transformer_config(cfg).kv_channels == 32
+    assert "model.head_dim=0 must be >= 1" in config_error(["model.head_dim=0"])
 
 
 def test_unknown_aux_loss_type():

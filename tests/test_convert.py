@@ -8,8 +8,8 @@ Real transformers, CPU, fp32. The expensive parts are module fixtures, built onc
   with its data tokenizer: logits within 1e-4 of
   megasmoe's on the same tokens, every next token the same, the same loss within 1e-4;
   damaged copies of the EP=2 checkpoint are refused, naming the missing expert shard;
-* tiny randomly initialised Mixtral, Qwen2-MoE, GLM4-MoE and OLMoE built with transformers'
-  config classes: HF -> megasmoe -> HF is bitwise identical per tensor, megasmoe's
+* tiny randomly initialised Mixtral, Qwen2-MoE, GLM4-MoE, OLMoE and Qwen3-MoE built with
+  transformers' config classes: HF -> megasmoe -> HF is bitwise identical per tensor, megasmoe's
   logits match the source's, and training resumes from the import (EP=2);
 * one small untrained megasmoe checkpoint per router / config (built in-process at
   world size 1 and saved weights-only): every exportable router matches its HF
@@ -260,16 +260,31 @@ def build_hf(kind: str, **changes):
                         bias = getattr(layer.self_attn, proj).bias
                         bias.copy_(torch.randn(bias.shape, generator=gen) / 10)
         return model
-    if kind == "glm4_moe":
+    if kind in ("glm4_moe", "glm4_moe_qk_norm"):
         common["rope_parameters"] = {**common["rope_parameters"], "partial_rotary_factor": 1.0}
+        qk_norm = kind == "glm4_moe_qk_norm"
         model = tf.Glm4MoeForCausalLM(tf.Glm4MoeConfig(
             **common, intermediate_size=96, moe_intermediate_size=32, n_shared_experts=1,
             n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
-            routed_scaling_factor=2.5, num_mtp_layers=0, **changes))
+            routed_scaling_factor=2.5, num_mtp_layers=0, use_qk_norm=qk_norm, **changes))
         with torch.no_grad():  # a DeepSeek-V3 style selection bias
             gen = torch.Generator().manual_seed(1)
             for layer in model.model.layers[1:]:
                 layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(4, generator=gen) / 10)
+            for layer in model.model.layers if qk_norm else []:  # per-channel weights
+                for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                    norm.weight.copy_(1 + torch.randn(norm.weight.shape, generator=gen) / 4)
+        return model
+    if kind == "qwen3_moe":
+        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+            **common, head_dim=24, intermediate_size=96, moe_intermediate_size=32,
+            num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+            **changes))
+        with torch.no_grad():  # per-channel q/k norm weights, so their layout matters
+            gen = torch.Generator().manual_seed(4)
+            for layer in model.model.layers:
+                for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                    norm.weight.copy_(1 + torch.randn(norm.weight.shape, generator=gen) / 4)
         return model
     if kind == "olmoe":
         model = tf.OlmoeForCausalLM(tf.OlmoeConfig(
@@ -330,6 +345,12 @@ ROUND_TRIP = {
     "qwen2_moe_real": ("Qwen2MoeForCausalLM", {"name": "topk", "score_function": "softmax",
                                                 "pre_softmax": True}),
     "glm4_moe": ("Glm4MoeForCausalLM", {"name": "sigmoid_bias", "topk_scaling_factor": 2.5}),
+    # GLM4-MoE's per-head q/k norms (use_qk_norm): model.qk_norm=head.
+    "glm4_moe_qk_norm": ("Glm4MoeForCausalLM", {"name": "sigmoid_bias",
+                                                "topk_scaling_factor": 2.5}),
+    # Per-head q/k norms (model.qk_norm=head), head_dim 24 != 64 / 4, a dense layer.
+    "qwen3_moe": ("Qwen3MoeForCausalLM", {"name": "topk", "score_function": "softmax",
+                                          "pre_softmax": False}),
     # OLMoE's full-width q/k norms: megasmoe's model.qk_norm=full.
     "olmoe": ("OlmoeForCausalLM", {"name": "topk", "score_function": "softmax",
                                    "pre_softmax": True}),
@@ -453,6 +474,8 @@ EXPORTABLE = {
     "topk_sigmoid": (["moe.router.score_function=sigmoid"], "Glm4MoeForCausalLM", 2),
     "topk_scaled": (["moe.router.topk_scaling_factor=1.5"], "MixtralForCausalLM", 2),
     "sigmoid_bias": (["moe.router.name=sigmoid_bias"], "Glm4MoeForCausalLM", 2),
+    "sigmoid_qk_norm_head": (["moe.router.score_function=sigmoid", "model.qk_norm=head"],
+                             "Glm4MoeForCausalLM", 2),
     "xmoe": (["moe.router.name=xmoe"], "MixtralForCausalLM", 2),
     "stablemoe": (["moe.router.name=stablemoe"], "MixtralForCausalLM", 2),
     "smoe_dropout": (["moe.router.name=smoe_dropout", "moe.aux_loss_type=none",
@@ -462,6 +485,9 @@ EXPORTABLE = {
                     "MixtralForCausalLM", 2),
     "tied_gqa": (["model.share_embeddings=true", "model.num_query_groups=2"],
                  "MixtralForCausalLM", 2),
+    "head_dim": (["model.head_dim=24"], "MixtralForCausalLM", 2),
+    "qk_norm_head": (["model.qk_norm=head", "model.head_dim=24", "moe.layer_freq=[0,1]",
+                      "model.ffn_hidden_size=96"], "Qwen3MoeForCausalLM", 2),
     "dense_shared_padded": (["moe.layer_freq=[0,1]", "moe.shared_expert_size=48",
                              "model.ffn_hidden_size=96", "model.vocab_size=500"],
                             "Qwen2MoeForCausalLM", 2),
@@ -519,10 +545,12 @@ REMOTE = {
     # A router logit bias no standard architecture has: megasmoe's own (remote code).
     "hyper": ["moe.router.name=hyper"],
     "domain_steer": ["moe.router.name=domain_steer", "moe.router.file={steering}"],
+    "hyper_qk_norm_head": ["moe.router.name=hyper", "model.qk_norm=head"],
     # ... with everything else the remote architecture holds.
     "hyper_mixed": ["moe.router.name=hyper", "moe.layer_freq=[0,1]", "moe.shared_expert_size=48",
                     "moe.shared_expert_gate=true", "model.ffn_hidden_size=96",
                     "model.qkv_bias=true", "model.qk_norm=full", "model.num_query_groups=2",
+                    "model.head_dim=24",
                     "model.share_embeddings=true", "model.vocab_size=500"],
 }
 

@@ -54,14 +54,17 @@ def test_interleaved_pipeline_matches(reference, tmp_path):
         assert abs(losses[step] - reference[step]) < 1e-3, (step, losses, reference)
 
 
-def test_full_width_qk_norm_tp2_matches_world_size_1(reference, tmp_path):
-    """OLMoE-style q/k norms (model.qk_norm=full) at TP=2+SP: each rank holds half of the
-    heads and of the norm weights, the per-token statistic is all-reduced over TP.
+@pytest.mark.parametrize("mode", ["full", "head"])
+def test_qk_norm_tp2_matches_world_size_1(mode, reference, tmp_path):
+    """q/k norms at TP=2+SP, each rank holding half of the heads.
 
-    Same losses and gradient norms as world size 1 (a wrong backward through the
-    all-reduce, or megatron's TP all-reduce of q/k-norm grads, would change them).
+    full (OLMoE): the norm weights are TP-sharded and the per-token statistic is
+    all-reduced over TP. head (Qwen3-MoE, megatron's qk_layernorm): the per-head weights
+    are replicated and their gradients summed over TP by finalize_model_grads. Same
+    losses and gradient norms as world size 1 (a wrong backward through the all-reduce,
+    or a missing / extra TP all-reduce of the norm gradients, would change them).
     """
-    qk = ["model.qk_norm=full"]
+    qk = [f"model.qk_norm={mode}"]
     ws1 = pretrain(tmp_path, "qk_ws1", [*STEPS, *WS1, *qk], nproc=1)
     tp2 = pretrain(tmp_path, "qk_tp2", [*STEPS, *LAYOUTS["tp2_sp"], *qk], nproc=2)
     want, got = train_losses(ws1), train_losses(tp2)

@@ -16,8 +16,8 @@ megatron stores (global shapes, as megasmoe's GPTModel writes them):
 
 Canonical names (one tensor each, vocabulary un-padded): ``embed``, ``lm_head`` (absent
 when tied), ``final_norm``, and per layer ``layers.<i>.`` + ``input_norm``, ``q``, ``k``,
-``v``, ``o``, ``mlp_norm`` (and ``q_norm`` / ``k_norm`` [heads x head_dim] with
-model.qk_norm=full, ``q_bias`` / ``k_bias`` / ``v_bias`` with model.qkv_bias); dense layers ``mlp.gate|up|down``; MoE layers
+``v``, ``o``, ``mlp_norm`` (and ``q_norm`` / ``k_norm``: [heads x head_dim] with
+model.qk_norm=full, [head_dim] with model.qk_norm=head; ``q_bias`` / ``k_bias`` / ``v_bias`` with model.qkv_bias); dense layers ``mlp.gate|up|down``; MoE layers
 ``experts.gate|up`` [E, I, H], ``experts.down`` [E, H, I], ``shared.gate|up|down``,
 ``shared.gate_weight`` (a sigmoid-gated shared expert), and the router's own tensors as
 ``router.<name>`` (what they mean is the router exporter's business, see routers.py).
@@ -98,7 +98,8 @@ class ModelShape:
         return cls(
             num_layers=L, hidden_size=m["hidden_size"], num_heads=m["num_heads"],
             num_query_groups=m.get("num_query_groups") or m["num_heads"],
-            head_dim=m["hidden_size"] // m["num_heads"], vocab_size=m["vocab_size"],
+            head_dim=m.get("head_dim") or m["hidden_size"] // m["num_heads"],
+            vocab_size=m["vocab_size"],
             ffn_hidden_size=m.get("ffn_hidden_size") or 4 * m["hidden_size"],
             num_experts=e["num_experts"], topk=e["topk"],
             moe_ffn_hidden_size=e["ffn_hidden_size"],

@@ -4,7 +4,8 @@ architecture holds (exported with ``--remote-code``; load with ``trust_remote_co
 Self-contained: imports only torch and transformers, because ``megasmoe convert to-hf
 --remote-code`` copies this file into the export directory. It is the same network as
 megasmoe's megatron-core GPTModel: RMSNorm pre-norm blocks, RoPE over the whole head,
-grouped-query attention (optionally q/k/v biases and OLMoE-style full-width q/k norms), SwiGLU experts,
+grouped-query attention (optionally a head width of its own, q/k/v biases, and q/k
+norms per head as in Qwen3-MoE or full-width as in OLMoE), SwiGLU experts,
 an optional (sigmoid-gated) shared expert, optional dense layers, and a softmax router whose
 linear gate may carry a per-expert logit **bias** (HyperRouter's generated b, DSMoE's
 steering bias), which is what the standard targets lack:
@@ -33,7 +34,8 @@ class MegasmoeMoeConfig(PretrainedConfig):
     model_type = "megasmoe_moe"
 
     def __init__(self, vocab_size=4096, hidden_size=128, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=None, intermediate_size=512,
+                 num_attention_heads=4, num_key_value_heads=None, head_dim=None,
+                 intermediate_size=512,
                  moe_intermediate_size=256, shared_expert_intermediate_size=0,
                  shared_expert_gate=False, mlp_only_layers=None, num_experts=8, num_experts_per_tok=2,
                  norm_topk_prob=True, routed_scaling_factor=None, router_bias=True,
@@ -45,6 +47,7 @@ class MegasmoeMoeConfig(PretrainedConfig):
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
         self.intermediate_size = intermediate_size  # dense layers (mlp_only_layers)
         self.moe_intermediate_size = moe_intermediate_size
         self.shared_expert_intermediate_size = shared_expert_intermediate_size
@@ -91,16 +94,20 @@ class MegasmoeAttention(nn.Module):
         super().__init__()
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.head_dim = config.head_dim
         h = config.hidden_size
         bias = config.attention_bias
         self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
-        if config.qk_norm == "full":
+        self.qk_norm = config.qk_norm
+        if config.qk_norm == "full":  # over all heads at once (OLMoE)
             self.q_norm = MegasmoeRMSNorm(self.heads * self.head_dim, config.rms_norm_eps)
             self.k_norm = MegasmoeRMSNorm(self.kv_heads * self.head_dim, config.rms_norm_eps)
+        elif config.qk_norm == "head":  # each head on its own (Qwen3-MoE)
+            self.q_norm = MegasmoeRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = MegasmoeRMSNorm(self.head_dim, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
 
@@ -108,10 +115,13 @@ class MegasmoeAttention(nn.Module):
                 mask: torch.Tensor | None) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.q_norm is not None:
+        if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(b, s, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(b, s, self.heads, self.head_dim)
+        k = k.view(b, s, self.kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         groups = self.heads // self.kv_heads  # query head h reads key/value head h // groups
@@ -224,7 +234,7 @@ class MegasmoeMoeModel(MegasmoeMoePreTrainedModel):
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         s = input_ids.shape[1]
-        dim = self.config.hidden_size // self.config.num_attention_heads
+        dim = self.config.head_dim
         inv_freq = 1.0 / (self.config.rope_theta
                           ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
         angles = torch.outer(torch.arange(s, dtype=torch.float32, device=x.device), inv_freq)

@@ -7,13 +7,14 @@ from megasmoe.convert.archs.glm4_moe import Glm4Moe
 from megasmoe.convert.archs.mixtral import Mixtral
 from megasmoe.convert.archs.olmoe import Olmoe
 from megasmoe.convert.archs.qwen2_moe import Qwen2Moe
+from megasmoe.convert.archs.qwen3_moe import Qwen3Moe
 from megasmoe.convert.archs.remote import MODELING_FILE, MegasmoeRemote
 from megasmoe.convert.errors import ConversionError
 
 __all__ = ["Arch", "ImportedModel", "Tensors", "EXPORT_TARGETS", "REMOTE_TARGET", "MODELING_FILE",
            "arch_for_model_type"]
 
-EXPORT_TARGETS: tuple[Arch, ...] = (Mixtral(), Qwen2Moe(), Glm4Moe(), Olmoe())
+EXPORT_TARGETS: tuple[Arch, ...] = (Mixtral(), Qwen2Moe(), Glm4Moe(), Olmoe(), Qwen3Moe())
 """Tried in order: the first that holds the model exactly is written."""
 
 REMOTE_TARGET = MegasmoeRemote()

@@ -19,7 +19,7 @@ from megasmoe.convert.megatron_layout import ModelShape
 from megasmoe.convert.routers import Routing
 
 __all__ = ["Arch", "Tensors", "ImportedModel", "LAYER_COMMON", "GLOBAL_COMMON", "require_zero",
-           "common_model_overrides", "layer_freq", "plain_moe_unsupported"]
+           "common_model_overrides", "layer_freq", "plain_moe_unsupported", "QK_NORMS"]
 
 # (canonical, HF) names shared by Mixtral, Qwen2-MoE and GLM4-MoE (Llama layout).
 GLOBAL_COMMON = (("embed", "model.embed_tokens.weight"), ("final_norm", "model.norm.weight"))
@@ -31,6 +31,10 @@ LAYER_COMMON = (
     ("o", "self_attn.o_proj.weight"),
     ("mlp_norm", "post_attention_layernorm.weight"),
 )
+
+
+QK_NORMS = (("q_norm", "self_attn.q_norm.weight"), ("k_norm", "self_attn.k_norm.weight"))
+"""(canonical, HF) names of the q/k norms (OLMoE full width, Qwen3-MoE per head)."""
 
 
 class Tensors:
@@ -174,18 +178,23 @@ class Arch:
                 for p, n in zip(("gate", "up", "down"), names)]
 
 
-def plain_moe_unsupported(arch: str, shape: ModelShape, routing: Routing) -> Optional[str]:
-    """Why a Mixtral-like target (softmax gate, every layer MoE, no shared expert, no
-    expert bias) cannot hold the model; None when it can."""
+def plain_moe_unsupported(arch: str, shape: ModelShape, routing: Routing,
+                          accepted_qk_norm: tuple = ("none",),
+                          dense_layers: bool = False) -> Optional[str]:
+    """Why a Mixtral-like target (softmax gate, no shared expert, no expert bias, no
+    q/k/v bias, the q/k norm modes it has, every layer MoE unless ``dense_layers``)
+    cannot hold the model; None when it can."""
     if shape.qkv_bias:
         return f"model.qkv_bias=true ({arch} has no q/k/v biases)"
+    if shape.qk_norm not in accepted_qk_norm:
+        return f"model.qk_norm={shape.qk_norm} ({arch} q/k norms: {'/'.join(accepted_qk_norm)})"
     if routing.score_function != "softmax":
         return f"moe.router.score_function={routing.score_function} ({arch} uses softmax)"
     if routing.selection_bias:
         return f"the router's expert bias ({arch} has none)"
     if shape.shared_expert_size:
         return f"moe.shared_expert_size={shape.shared_expert_size} ({arch} has no shared expert)"
-    if not all(shape.moe_layers):
+    if not dense_layers and not all(shape.moe_layers):
         return f"moe.layer_freq makes dense layers ({arch} has MoE layers only)"
     return None
 
@@ -203,10 +212,9 @@ def common_model_overrides(cfg: dict, hidden: int, heads: int) -> dict:
 
     kv = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or hidden // heads
-    if head_dim * heads != hidden:
-        raise ConversionError(f"head_dim={head_dim} x num_attention_heads={heads} != "
-                              f"hidden_size={hidden}; megasmoe needs head_dim = hidden / heads")
+    out = {} if head_dim * heads == hidden else {"head_dim": head_dim}
     return {
+        **out,
         "num_layers": cfg["num_hidden_layers"], "hidden_size": hidden, "num_heads": heads,
         "num_query_groups": None if kv == heads else kv, "vocab_size": cfg["vocab_size"],
         "norm_eps": cfg.get("rms_norm_eps", 1e-6), "rope_base": rope_theta(cfg),

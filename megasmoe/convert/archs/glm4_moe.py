@@ -5,8 +5,8 @@ only), the selected scores renormalised (+1e-20, like megatron) when
 ``norm_topk_prob``, times ``routed_scaling_factor``: megatron's sigmoid routing with
 expert bias (``sigmoid_bias``) or without (``topk`` with score_function=sigmoid, bias
 written as zeros), with one expert group (n_group = topk_group = 1). Written with
-partial_rotary_factor 1 (megasmoe rotates the whole head), no q/k norm, no attention
-bias. Dense layers must come first (``first_k_dense_replace``); the shared expert has
+partial_rotary_factor 1 (megasmoe rotates the whole head), no attention bias, and
+``use_qk_norm`` exactly when the model has per-head q/k norms (model.qk_norm=head). Dense layers must come first (``first_k_dense_replace``); the shared expert has
 no gate and a width of n_shared_experts x moe_intermediate_size.
 """
 
@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from megasmoe.convert.archs.base import (
+    QK_NORMS,
     Arch,
     ImportedModel,
     Tensors,
@@ -47,8 +48,8 @@ class Glm4Moe(Arch):
         return k if all(shape.moe_layers[k:]) else None
 
     def unsupported(self, shape: ModelShape, routing: Routing, extra: dict) -> Optional[str]:
-        if shape.qk_norm != "none":
-            return f"model.qk_norm={shape.qk_norm} (GLM4-MoE has no full-width q/k norm)"
+        if shape.qk_norm == "full":
+            return "model.qk_norm=full (GLM4-MoE's q/k norms are per head: use_qk_norm)"
         if shape.qkv_bias:
             return "model.qkv_bias=true (written GLM4-MoE configs have attention_bias=false)"
         if routing.score_function != "sigmoid":
@@ -73,7 +74,7 @@ class Glm4Moe(Arch):
             max_position_embeddings=shape.seq_length, rms_norm_eps=shape.norm_eps,
             rope_parameters={"rope_type": "default", "rope_theta": float(shape.rope_base),
                              "partial_rotary_factor": 1.0},
-            attention_bias=False, use_qk_norm=False,
+            attention_bias=False, use_qk_norm=shape.qk_norm == "head",
             moe_intermediate_size=shape.moe_ffn_hidden_size,
             n_shared_experts=shape.shared_expert_size // shape.moe_ffn_hidden_size,
             n_routed_experts=shape.num_experts, num_experts_per_tok=routing.topk,
@@ -86,6 +87,9 @@ class Glm4Moe(Arch):
         out: dict = {}
         self.export_common(canon, shape, out)
         for i in range(shape.num_layers):
+            if shape.qk_norm == "head":
+                for c, h in QK_NORMS:
+                    out[f"model.layers.{i}.{h}"] = canon.take(f"layers.{i}.{c}")
             p = f"model.layers.{i}.mlp"
             if not shape.moe_layers[i]:
                 for c, h in self.mlp(f"layers.{i}.mlp", p):
@@ -107,8 +111,6 @@ class Glm4Moe(Arch):
 
     def import_checkpoint(self, cfg: dict, hf: Tensors) -> ImportedModel:
         check_common(cfg)
-        require(not cfg.get("use_qk_norm", False), "use_qk_norm",
-                "true: megasmoe's attention has no q/k norm")
         groups, topk_group = cfg.get("n_group", 1), cfg.get("topk_group", 1)
         require(groups == topk_group, "n_group/topk_group",
                 f"{groups}/{topk_group} limits routing to expert groups; megasmoe routes over "
@@ -119,6 +121,9 @@ class Glm4Moe(Arch):
         first_dense = cfg.get("first_k_dense_replace", 0)
         pattern = [i >= first_dense for i in range(L)]
         model = common_model_overrides(cfg, cfg["hidden_size"], cfg["num_attention_heads"])
+        qk_norm = bool(cfg.get("use_qk_norm", False))  # per head: megatron's qk_layernorm
+        if qk_norm:
+            model["qk_norm"] = "head"
         model["ffn_hidden_size"] = cfg["intermediate_size"]
         I = cfg["moe_intermediate_size"]
         S = I * (cfg.get("n_shared_experts") or 0)
@@ -127,6 +132,8 @@ class Glm4Moe(Arch):
         biases = []
         for i in range(L):
             p = f"model.layers.{i}"
+            for c, h in QK_NORMS if qk_norm else ():
+                canonical[f"layers.{i}.{c}"] = hf.take(f"{p}.{h}")
             if cfg.get("attention_bias", False):
                 for proj in ("q", "k", "v"):
                     require_zero(hf, f"{p}.self_attn.{proj}_proj.bias",

@@ -30,8 +30,6 @@ class Mixtral(Arch):
     config_class = "MixtralConfig"
 
     def unsupported(self, shape: ModelShape, routing: Routing, extra: dict) -> Optional[str]:
-        if shape.qk_norm != "none":
-            return f"model.qk_norm={shape.qk_norm} (Mixtral has no full-width q/k norm)"
         if routing.score_function == "softmax" and not routing.normalize:
             return ("moe.router.pre_softmax=true (Mixtral renormalises the top-k "
                     "probabilities)")

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megasmoe.convert.archs.base import (Arch, ImportedModel, Tensors, common_model_overrides,
-                                         plain_moe_unsupported)
+from megasmoe.convert.archs.base import (QK_NORMS, Arch, ImportedModel, Tensors,
+                                         common_model_overrides, plain_moe_unsupported)
 from megasmoe.convert.archs.checks import check_common, require
 from megasmoe.convert.megatron_layout import ModelShape
 from megasmoe.convert.routers import Routing
@@ -24,7 +24,6 @@ from megasmoe.convert.routers import Routing
 __all__ = ["Olmoe"]
 
 _EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
-_QK_NORMS = (("q_norm", "self_attn.q_norm.weight"), ("k_norm", "self_attn.k_norm.weight"))
 
 
 class Olmoe(Arch):
@@ -36,10 +35,10 @@ class Olmoe(Arch):
     config_class = "OlmoeConfig"
 
     def unsupported(self, shape: ModelShape, routing: Routing, extra: dict) -> Optional[str]:
-        if shape.qk_norm != "full":
-            return (f"model.qk_norm={shape.qk_norm} (OLMoE always applies full-width q/k "
-                    f"norms)")
-        return plain_moe_unsupported("OLMoE", shape, routing)
+        if shape.head_dim * shape.num_heads != shape.hidden_size:
+            return (f"model.head_dim={shape.head_dim} (OLMoE's q norm spans hidden_size: "
+                    f"head_dim = hidden_size / num_heads)")
+        return plain_moe_unsupported("OLMoE", shape, routing, accepted_qk_norm=("full",))
 
     def hf_config(self, shape: ModelShape, routing: Routing, extra: dict) -> dict:
         return dict(
@@ -60,7 +59,7 @@ class Olmoe(Arch):
         self.export_common(canon, shape, out)
         for i in range(shape.num_layers):
             p = f"model.layers.{i}"
-            for c, h in _QK_NORMS:
+            for c, h in QK_NORMS:
                 out[f"{p}.{h}"] = canon.take(f"layers.{i}.{c}")
             out[f"{p}.mlp.gate.weight"] = canon.take(f"layers.{i}.gate.weight")
             self.export_experts(canon, i, shape.num_experts, f"{p}.mlp", _EXPERT_NAMES, out,
@@ -80,7 +79,7 @@ class Olmoe(Arch):
         self.import_common(hf, L, model["share_embeddings"], canonical)
         for i in range(L):
             p = f"model.layers.{i}"
-            for c, h in _QK_NORMS:
+            for c, h in QK_NORMS:
                 canonical[f"layers.{i}.{c}"] = hf.take(f"{p}.{h}")
             canonical[f"layers.{i}.router.weight"] = hf.take(f"{p}.mlp.gate.weight")
             self.import_experts(hf, i, E, f"{p}.mlp", _EXPERT_NAMES, canonical)

@@ -35,7 +35,7 @@ from megasmoe.convert.archs.checks import check_common, require
 from megasmoe.convert.megatron_layout import ModelShape
 from megasmoe.convert.routers import Routing
 
-__all__ = ["Qwen2Moe"]
+__all__ = ["Qwen2Moe", "moe_layer_ids", "qwen_config", "qwen_import_start", "qwen_moe_section"]
 
 _EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
@@ -49,6 +49,34 @@ def moe_layer_ids(cfg: dict) -> list[bool]:
             for i in range(cfg["num_hidden_layers"])]
 
 
+def qwen_config(cfg: dict) -> dict:
+    """An HF Qwen-MoE config with ``num_experts`` (transformers 5 writes Qwen3-MoE's
+    as ``num_local_experts``; the Hub's configs say ``num_experts``)."""
+    if "num_experts" not in cfg and "num_local_experts" in cfg:
+        cfg = {**cfg, "num_experts": cfg["num_local_experts"]}
+    return cfg
+
+
+def qwen_import_start(cfg: dict) -> tuple[int, int, list[bool], dict]:
+    """What Qwen2-MoE and Qwen3-MoE imports share: checks, (layers, experts, MoE-layer
+    pattern, megasmoe model.* fields). ``cfg`` must have been through ``qwen_config``."""
+    check_common(cfg)
+    require(not cfg.get("use_sliding_window", False), "use_sliding_window",
+            "true: megasmoe attends to the whole sequence")
+    model = common_model_overrides(cfg, cfg["hidden_size"], cfg["num_attention_heads"])
+    model["ffn_hidden_size"] = cfg["intermediate_size"]
+    return cfg["num_hidden_layers"], cfg["num_experts"], moe_layer_ids(cfg), model
+
+
+def qwen_moe_section(cfg: dict, pattern: list[bool], **extra) -> dict:
+    """megasmoe moe.* fields of a Qwen-MoE config (softmax top-k, norm_topk_prob)."""
+    return {"num_experts": cfg["num_experts"], "topk": cfg["num_experts_per_tok"],
+            "ffn_hidden_size": cfg["moe_intermediate_size"], "layer_freq": layer_freq(pattern),
+            "aux_loss_coeff": cfg.get("router_aux_loss_coef", 0.01), **extra,
+            "router": {"name": "topk", "score_function": "softmax",
+                       "pre_softmax": not cfg.get("norm_topk_prob", False)}}
+
+
 class Qwen2Moe(Arch):
     """Qwen2-MoE as a conversion target and source."""
 
@@ -59,7 +87,7 @@ class Qwen2Moe(Arch):
 
     def unsupported(self, shape: ModelShape, routing: Routing, extra: dict) -> Optional[str]:
         if shape.qk_norm != "none":
-            return f"model.qk_norm={shape.qk_norm} (Qwen2-MoE has no full-width q/k norm)"
+            return f"model.qk_norm={shape.qk_norm} (Qwen2-MoE has no q/k norm)"
         if routing.score_function != "softmax":
             return f"moe.router.score_function={routing.score_function} (Qwen2-MoE uses softmax)"
         if routing.selection_bias:
@@ -71,7 +99,7 @@ class Qwen2Moe(Arch):
             vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
             intermediate_size=shape.ffn_hidden_size, num_hidden_layers=shape.num_layers,
             num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_query_groups,
-            hidden_act="silu", max_position_embeddings=shape.seq_length,
+            head_dim=shape.head_dim, hidden_act="silu", max_position_embeddings=shape.seq_length,
             rms_norm_eps=shape.norm_eps,
             rope_parameters={"rope_type": "default", "rope_theta": float(shape.rope_base)},
             use_sliding_window=False, max_window_layers=shape.num_layers,
@@ -121,13 +149,8 @@ class Qwen2Moe(Arch):
         return out
 
     def import_checkpoint(self, cfg: dict, hf: Tensors) -> ImportedModel:
-        check_common(cfg)
-        require(not cfg.get("use_sliding_window", False), "use_sliding_window",
-                "true: megasmoe attends to the whole sequence")
-        L, E = cfg["num_hidden_layers"], cfg["num_experts"]
-        pattern = moe_layer_ids(cfg)
-        model = common_model_overrides(cfg, cfg["hidden_size"], cfg["num_attention_heads"])
-        model["ffn_hidden_size"] = cfg["intermediate_size"]
+        cfg = qwen_config(cfg)
+        L, E, pattern, model = qwen_import_start(cfg)
         S = cfg.get("shared_expert_intermediate_size", 0) or 0
         # A gate that is zero everywhere (megasmoe's own ungated exports) imports ungated;
         # any nonzero gate (Qwen's checkpoints) makes megasmoe's shared expert gated.
@@ -168,10 +191,5 @@ class Qwen2Moe(Arch):
             else:
                 for n in ("gate_proj", "up_proj", "down_proj"):
                     hf.get(f"{sp}.{n}.weight")  # zero-width: nothing to carry over
-        moe = {"num_experts": E, "topk": cfg["num_experts_per_tok"],
-               "ffn_hidden_size": cfg["moe_intermediate_size"], "layer_freq": layer_freq(pattern),
-               "shared_expert_size": S, "shared_expert_gate": gated,
-               "aux_loss_coeff": cfg.get("router_aux_loss_coef", 0.01),
-               "router": {"name": "topk", "score_function": "softmax",
-                          "pre_softmax": not cfg.get("norm_topk_prob", False)}}
+        moe = qwen_moe_section(cfg, pattern, shared_expert_size=S, shared_expert_gate=gated)
         return ImportedModel({"model": model, "moe": moe}, canonical)

@@ -3,8 +3,8 @@
 The target of last resort, used only with ``--remote-code``: it holds what no standard
 architecture does, a per-expert bias on the router logits (HyperRouter's generated b,
 DSMoE's steering bias), together with everything the standard targets hold (softmax
-top-k either way, scaling, a gated or ungated shared expert, dense layers, GQA, q/k/v
-biases, full-width q/k norms).
+top-k either way, scaling, a gated or ungated shared expert, dense layers, GQA, a head
+width of its own, q/k/v biases, per-head or full-width q/k norms).
 Its modeling file, ``megasmoe/convert/modeling_megasmoe.py``, is copied into the export
 and named in config.json's ``auto_map``; readers load it with ``trust_remote_code=True``.
 Never an import source.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megasmoe.convert.archs.base import Arch, ImportedModel, Tensors
+from megasmoe.convert.archs.base import QK_NORMS, Arch, ImportedModel, Tensors
 from megasmoe.convert.errors import ConversionError
 from megasmoe.convert.megatron_layout import ModelShape
 from megasmoe.convert.routers import Routing
@@ -51,7 +51,8 @@ class MegasmoeRemote(Arch):
         return dict(
             vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
             num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
-            num_key_value_heads=shape.num_query_groups, intermediate_size=shape.ffn_hidden_size,
+            num_key_value_heads=shape.num_query_groups, head_dim=shape.head_dim,
+            intermediate_size=shape.ffn_hidden_size,
             moe_intermediate_size=shape.moe_ffn_hidden_size,
             shared_expert_intermediate_size=shape.shared_expert_size,
             shared_expert_gate=bool(extra.get("shared_expert_gate")),
@@ -71,9 +72,9 @@ class MegasmoeRemote(Arch):
         self.export_common(canon, shape, out)
         for i in range(shape.num_layers):
             p = f"model.layers.{i}"
-            if shape.qk_norm == "full":
-                for c in ("q_norm", "k_norm"):
-                    out[f"{p}.self_attn.{c}.weight"] = canon.take(f"layers.{i}.{c}")
+            if shape.qk_norm != "none":
+                for c, h in QK_NORMS:
+                    out[f"{p}.{h}"] = canon.take(f"layers.{i}.{c}")
             if shape.qkv_bias:
                 for proj in ("q", "k", "v"):
                     out[f"{p}.self_attn.{proj}_proj.bias"] = canon.take(f"layers.{i}.{proj}_bias")
