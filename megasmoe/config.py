@@ -102,6 +102,9 @@ class ModelConfig:
     """RMSNorm epsilon."""
     rope_base: int = 10000
     """Rotary embedding base."""
+    rotary_percent: float = 1.0
+    """Fraction of each head that RoPE rotates (its first dimensions); 1.0 = all
+    (megatron's rotary_percent, HF partial_rotary_factor)."""
     init_std: float = 0.02
     """Std of the normal init of weights; output projections use std / sqrt(2 num_layers)."""
     share_embeddings: bool = False
@@ -579,6 +582,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         f"model.num_query_groups={groups} must divide num_heads={m.num_heads} and be "
         f"divisible by parallel.tp={p.tp}",
     )
+    head_dim = m.head_dim or (m.hidden_size // m.num_heads)
+    rotary = head_dim * m.rotary_percent
+    _require(0 < m.rotary_percent <= 1 and rotary == int(rotary) and int(rotary) % 2 == 0,
+             f"model.rotary_percent={m.rotary_percent} must be in (0, 1] and rotate an even "
+             f"number of the head's {head_dim} dimensions")
     _require(m.qk_norm in ("none", "head", "full"),
              f"model.qk_norm={m.qk_norm!r} is unknown; use none, head or full")
     _require(

@@ -268,6 +268,7 @@ def build_model_chunks(cfg: Config, tc: TransformerConfig) -> list[GPTModel]:
             share_embeddings_and_output_weights=cfg.model.share_embeddings,
             position_embedding_type="rope",
             rotary_base=cfg.model.rope_base,
+            rotary_percent=cfg.model.rotary_percent,
             vp_stage=vp_stage,
         )
         mark_expert_params(model)

@@ -446,6 +446,13 @@ def test_qk_norm_values():
         ["model.qk_norm=per_head"])
 
 
+@pytest.mark.parametrize("value", ["0", "1.5", "0.3"])
+def test_rotary_percent_range(value):
+    """In (0, 1], rotating an even number of the 32 head dimensions (0.3 -> 9.6)."""
+    assert config_error([f"model.rotary_percent={value}"]).startswith(
+        f"model.rotary_percent={float(value)} must be in (0, 1]")
+
+
 def test_head_dim_frees_hidden_from_heads():
     """hidden_size need not divide by num_heads when model.head_dim is set."""
     cfg = validate(load_config(TINY, ["model.hidden_size=130", "model.head_dim=32"]))

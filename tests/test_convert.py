@@ -260,13 +260,16 @@ def build_hf(kind: str, **changes):
                         bias = getattr(layer.self_attn, proj).bias
                         bias.copy_(torch.randn(bias.shape, generator=gen) / 10)
         return model
-    if kind in ("glm4_moe", "glm4_moe_qk_norm"):
-        common["rope_parameters"] = {**common["rope_parameters"], "partial_rotary_factor": 1.0}
+    if kind in ("glm4_moe", "glm4_moe_qk_norm", "glm4_moe_air"):
+        air = kind == "glm4_moe_air"  # GLM-4.5-Air's attention: half RoPE, q/k/v biases
+        common["rope_parameters"] = {**common["rope_parameters"],
+                                     "partial_rotary_factor": 0.5 if air else 1.0}
         qk_norm = kind == "glm4_moe_qk_norm"
         model = tf.Glm4MoeForCausalLM(tf.Glm4MoeConfig(
             **common, intermediate_size=96, moe_intermediate_size=32, n_shared_experts=1,
             n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
-            routed_scaling_factor=2.5, num_mtp_layers=0, use_qk_norm=qk_norm, **changes))
+            routed_scaling_factor=2.5, num_mtp_layers=0, use_qk_norm=qk_norm,
+            attention_bias=air, **changes))
         with torch.no_grad():  # a DeepSeek-V3 style selection bias
             gen = torch.Generator().manual_seed(1)
             for layer in model.model.layers[1:]:
@@ -274,6 +277,10 @@ def build_hf(kind: str, **changes):
             for layer in model.model.layers if qk_norm else []:  # per-channel weights
                 for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
                     norm.weight.copy_(1 + torch.randn(norm.weight.shape, generator=gen) / 4)
+            for layer in model.model.layers if air else []:
+                for proj in ("q_proj", "k_proj", "v_proj"):
+                    bias = getattr(layer.self_attn, proj).bias
+                    bias.copy_(torch.randn(bias.shape, generator=gen) / 10)
         return model
     if kind == "qwen3_moe":
         model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
@@ -345,6 +352,9 @@ ROUND_TRIP = {
     "qwen2_moe_real": ("Qwen2MoeForCausalLM", {"name": "topk", "score_function": "softmax",
                                                 "pre_softmax": True}),
     "glm4_moe": ("Glm4MoeForCausalLM", {"name": "sigmoid_bias", "topk_scaling_factor": 2.5}),
+    # GLM-4.5-Air's attention: model.rotary_percent=0.5, model.qkv_bias=true.
+    "glm4_moe_air": ("Glm4MoeForCausalLM", {"name": "sigmoid_bias",
+                                            "topk_scaling_factor": 2.5}),
     # GLM4-MoE's per-head q/k norms (use_qk_norm): model.qk_norm=head.
     "glm4_moe_qk_norm": ("Glm4MoeForCausalLM", {"name": "sigmoid_bias",
                                                 "topk_scaling_factor": 2.5}),
@@ -459,6 +469,13 @@ def random_expert_bias(chunks) -> None:
             buf.copy_(torch.randn(buf.shape, generator=gen) / 20)
 
 
+def random_qkv_bias(chunks) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for name, param in chunks[0].named_parameters():
+        if name.endswith("linear_qkv.bias"):
+            param.copy_(torch.randn(param.shape, generator=gen) / 10)
+
+
 @pytest.fixture(scope="module")
 def steering_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("steer") / "steering.json"
@@ -476,6 +493,10 @@ EXPORTABLE = {
     "sigmoid_bias": (["moe.router.name=sigmoid_bias"], "Glm4MoeForCausalLM", 2),
     "sigmoid_qk_norm_head": (["moe.router.score_function=sigmoid", "model.qk_norm=head"],
                              "Glm4MoeForCausalLM", 2),
+    # GLM-4.5-style attention: RoPE on half of each head, q/k/v biases (random).
+    "sigmoid_partial_rope_qkv_bias": (["moe.router.score_function=sigmoid",
+                                       "model.rotary_percent=0.5", "model.qkv_bias=true"],
+                                      "Glm4MoeForCausalLM", 2),
     "xmoe": (["moe.router.name=xmoe"], "MixtralForCausalLM", 2),
     "stablemoe": (["moe.router.name=stablemoe"], "MixtralForCausalLM", 2),
     "smoe_dropout": (["moe.router.name=smoe_dropout", "moe.aux_loss_type=none",
@@ -497,7 +518,8 @@ EXPORTABLE = {
 @pytest.mark.parametrize("case", list(EXPORTABLE))
 def test_router_exports_with_logit_parity(tmp_path, case):
     overrides, architecture, k = EXPORTABLE[case]
-    mutate = random_expert_bias if case == "sigmoid_bias" else None
+    mutate = {"sigmoid_bias": random_expert_bias,
+              "sigmoid_partial_rope_qkv_bias": random_qkv_bias}.get(case)
     run = make_checkpoint(tmp_path / "run", overrides, mutate)
     report = to_hf(run, tmp_path / "hf")
     assert report.architecture == architecture and report.routing.topk == k
@@ -550,7 +572,7 @@ REMOTE = {
     "hyper_mixed": ["moe.router.name=hyper", "moe.layer_freq=[0,1]", "moe.shared_expert_size=48",
                     "moe.shared_expert_gate=true", "model.ffn_hidden_size=96",
                     "model.qkv_bias=true", "model.qk_norm=full", "model.num_query_groups=2",
-                    "model.head_dim=24",
+                    "model.head_dim=24", "model.rotary_percent=0.5",
                     "model.share_embeddings=true", "model.vocab_size=500"],
 }
 

@@ -197,7 +197,7 @@ def _write_config(config, out_dir: Path, shape: ModelShape) -> None:
     data.setdefault("rope_theta", float(shape.rope_base))
     data.setdefault("torch_dtype", data.get("dtype"))
     if data.get("model_type") == "glm4_moe":
-        data.setdefault("partial_rotary_factor", 1.0)
+        data.setdefault("partial_rotary_factor", shape.rotary_percent)
     write_json(path, data)
 
 

@@ -86,6 +86,7 @@ class ModelShape:
     seq_length: int
     qk_norm: str = "none"
     qkv_bias: bool = False
+    rotary_percent: float = 1.0
 
     @classmethod
     def from_config(cls, cfg: dict) -> "ModelShape":
@@ -107,6 +108,7 @@ class ModelShape:
             norm_eps=m["norm_eps"], rope_base=m["rope_base"],
             tied=bool(m.get("share_embeddings")), seq_length=cfg["train"]["seq_length"],
             qk_norm=m.get("qk_norm", "none"), qkv_bias=bool(m.get("qkv_bias", False)),
+            rotary_percent=float(m.get("rotary_percent", 1.0)),
         )
 
 

@@ -40,6 +40,7 @@ class MegasmoeMoeConfig(PretrainedConfig):
                  shared_expert_gate=False, mlp_only_layers=None, num_experts=8, num_experts_per_tok=2,
                  norm_topk_prob=True, routed_scaling_factor=None, router_bias=True,
                  qk_norm="none", attention_bias=False, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 partial_rotary_factor=1.0,
                  max_position_embeddings=4096, tie_word_embeddings=False,
                  initializer_range=0.02, **kwargs):
         self.vocab_size = vocab_size
@@ -62,6 +63,7 @@ class MegasmoeMoeConfig(PretrainedConfig):
         self.attention_bias = attention_bias  # on q/k/v only (Qwen's layout)
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
+        self.partial_rotary_factor = partial_rotary_factor  # RoPE on the first dims only
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -123,7 +125,9 @@ class MegasmoeAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        rot = cos.shape[-1]  # RoPE turns the first `rot` dimensions of each head
+        q = torch.cat((_rope(q[..., :rot], cos, sin), q[..., rot:]), dim=-1)
+        k = torch.cat((_rope(k[..., :rot], cos, sin), k[..., rot:]), dim=-1)
         groups = self.heads // self.kv_heads  # query head h reads key/value head h // groups
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
@@ -234,7 +238,7 @@ class MegasmoeMoeModel(MegasmoeMoePreTrainedModel):
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         s = input_ids.shape[1]
-        dim = self.config.head_dim
+        dim = int(self.config.head_dim * self.config.partial_rotary_factor)
         inv_freq = 1.0 / (self.config.rope_theta
                           ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
         angles = torch.outer(torch.arange(s, dtype=torch.float32, device=x.device), inv_freq)

@@ -19,7 +19,8 @@ from megasmoe.convert.megatron_layout import ModelShape
 from megasmoe.convert.routers import Routing
 
 __all__ = ["Arch", "Tensors", "ImportedModel", "LAYER_COMMON", "GLOBAL_COMMON", "require_zero",
-           "common_model_overrides", "layer_freq", "plain_moe_unsupported", "QK_NORMS"]
+           "common_model_overrides", "layer_freq", "plain_moe_unsupported", "QK_NORMS",
+           "import_qkv_biases", "export_qkv_biases"]
 
 # (canonical, HF) names shared by Mixtral, Qwen2-MoE and GLM4-MoE (Llama layout).
 GLOBAL_COMMON = (("embed", "model.embed_tokens.weight"), ("final_norm", "model.norm.weight"))
@@ -186,6 +187,8 @@ def plain_moe_unsupported(arch: str, shape: ModelShape, routing: Routing,
     cannot hold the model; None when it can."""
     if shape.qkv_bias:
         return f"model.qkv_bias=true ({arch} has no q/k/v biases)"
+    if shape.rotary_percent != 1.0:
+        return f"model.rotary_percent={shape.rotary_percent} ({arch} rotates whole heads)"
     if shape.qk_norm not in accepted_qk_norm:
         return f"model.qk_norm={shape.qk_norm} ({arch} q/k norms: {'/'.join(accepted_qk_norm)})"
     if routing.score_function != "softmax":
@@ -199,6 +202,30 @@ def plain_moe_unsupported(arch: str, shape: ModelShape, routing: Routing,
     return None
 
 
+def import_qkv_biases(hf: Tensors, num_layers: int, present: bool, canonical: dict) -> bool:
+    """Read the HF q/k/v biases (when the config has them); keep them as canonical
+    ``layers.<i>.q_bias|k_bias|v_bias`` if any is nonzero. Returns model.qkv_bias: zero
+    biases everywhere (what a bias-free megasmoe model exports) import without biases."""
+    names = [(i, proj, f"model.layers.{i}.self_attn.{proj}_proj.bias")
+             for i in range(num_layers) for proj in ("q", "k", "v")] if present else []
+    nonzero = any(hf.tensors[n].numel() and bool(hf.tensors[n].abs().max() != 0)
+                  for _, _, n in names)
+    for i, proj, name in names:
+        bias = hf.take(name)
+        if nonzero:
+            canonical[f"layers.{i}.{proj}_bias"] = bias
+    return nonzero
+
+
+def export_qkv_biases(canon: Tensors, shape: ModelShape, i: int, out: dict) -> None:
+    """Layer i's HF q/k/v biases: the model's (model.qkv_bias) or zeros (x + 0 = x)."""
+    p = f"model.layers.{i}.self_attn"
+    for proj in ("q", "k", "v"):
+        weight = out[f"{p}.{proj}_proj.weight"]
+        out[f"{p}.{proj}_proj.bias"] = (canon.take(f"layers.{i}.{proj}_bias") if shape.qkv_bias
+                                        else weight.new_zeros(weight.shape[0]))
+
+
 def require_zero(hf: Tensors, name: str, why: str) -> None:
     """Refuse an HF tensor megasmoe has no place for unless it is all zeros."""
     t = hf.take(name)
@@ -206,18 +233,26 @@ def require_zero(hf: Tensors, name: str, why: str) -> None:
         raise ConversionError(f"{name} is not zero and {why}")
 
 
-def common_model_overrides(cfg: dict, hidden: int, heads: int) -> dict:
-    """megasmoe model.* fields from the Llama-style fields of an HF config."""
-    from megasmoe.convert.archs.checks import rope_theta
+def common_model_overrides(cfg: dict, hidden: int, heads: int,
+                           allow_partial_rope: bool = False) -> dict:
+    """megasmoe model.* fields from the Llama-style fields of an HF config.
+
+    ``allow_partial_rope``: the architecture rotates only the first
+    partial_rotary_factor of each head (GLM4-MoE): model.rotary_percent.
+    """
+    from megasmoe.convert.archs.checks import partial_rotary_factor, rope_theta
 
     kv = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or hidden // heads
     out = {} if head_dim * heads == hidden else {"head_dim": head_dim}
+    theta = rope_theta(cfg, allow_partial=allow_partial_rope)
+    if partial_rotary_factor(cfg) != 1.0:
+        out["rotary_percent"] = partial_rotary_factor(cfg)
     return {
         **out,
         "num_layers": cfg["num_hidden_layers"], "hidden_size": hidden, "num_heads": heads,
         "num_query_groups": None if kv == heads else kv, "vocab_size": cfg["vocab_size"],
-        "norm_eps": cfg.get("rms_norm_eps", 1e-6), "rope_base": rope_theta(cfg),
+        "norm_eps": cfg.get("rms_norm_eps", 1e-6), "rope_base": theta,
         "share_embeddings": bool(cfg.get("tie_word_embeddings", False)),
     }
 

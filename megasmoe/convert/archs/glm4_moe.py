@@ -5,7 +5,8 @@ only), the selected scores renormalised (+1e-20, like megatron) when
 ``norm_topk_prob``, times ``routed_scaling_factor``: megatron's sigmoid routing with
 expert bias (``sigmoid_bias``) or without (``topk`` with score_function=sigmoid, bias
 written as zeros), with one expert group (n_group = topk_group = 1). Written with
-partial_rotary_factor 1 (megasmoe rotates the whole head), no attention bias, and
+partial_rotary_factor = model.rotary_percent (both rotate the first dimensions of each
+head), attention_bias = model.qkv_bias (GLM4-MoE's bias is on q/k/v only) and
 ``use_qk_norm`` exactly when the model has per-head q/k norms (model.qk_norm=head). Dense layers must come first (``first_k_dense_replace``); the shared expert has
 no gate and a width of n_shared_experts x moe_intermediate_size.
 """
@@ -22,8 +23,9 @@ from megasmoe.convert.archs.base import (
     ImportedModel,
     Tensors,
     common_model_overrides,
+    export_qkv_biases,
+    import_qkv_biases,
     layer_freq,
-    require_zero,
 )
 from megasmoe.convert.archs.checks import check_common, require
 from megasmoe.convert.megatron_layout import ModelShape
@@ -50,8 +52,6 @@ class Glm4Moe(Arch):
     def unsupported(self, shape: ModelShape, routing: Routing, extra: dict) -> Optional[str]:
         if shape.qk_norm == "full":
             return "model.qk_norm=full (GLM4-MoE's q/k norms are per head: use_qk_norm)"
-        if shape.qkv_bias:
-            return "model.qkv_bias=true (written GLM4-MoE configs have attention_bias=false)"
         if routing.score_function != "sigmoid":
             return f"moe.router.score_function={routing.score_function} (GLM4-MoE uses sigmoid)"
         if routing.normalize != (routing.topk > 1):
@@ -73,8 +73,8 @@ class Glm4Moe(Arch):
             head_dim=shape.head_dim, hidden_act="silu",
             max_position_embeddings=shape.seq_length, rms_norm_eps=shape.norm_eps,
             rope_parameters={"rope_type": "default", "rope_theta": float(shape.rope_base),
-                             "partial_rotary_factor": 1.0},
-            attention_bias=False, use_qk_norm=shape.qk_norm == "head",
+                             "partial_rotary_factor": shape.rotary_percent},
+            attention_bias=shape.qkv_bias, use_qk_norm=shape.qk_norm == "head",
             moe_intermediate_size=shape.moe_ffn_hidden_size,
             n_shared_experts=shape.shared_expert_size // shape.moe_ffn_hidden_size,
             n_routed_experts=shape.num_experts, num_experts_per_tok=routing.topk,
@@ -87,6 +87,8 @@ class Glm4Moe(Arch):
         out: dict = {}
         self.export_common(canon, shape, out)
         for i in range(shape.num_layers):
+            if shape.qkv_bias:
+                export_qkv_biases(canon, shape, i, out)
             if shape.qk_norm == "head":
                 for c, h in QK_NORMS:
                     out[f"model.layers.{i}.{h}"] = canon.take(f"layers.{i}.{c}")
@@ -120,7 +122,8 @@ class Glm4Moe(Arch):
                 "megatron renormalises sigmoid scores exactly when num_experts_per_tok > 1")
         first_dense = cfg.get("first_k_dense_replace", 0)
         pattern = [i >= first_dense for i in range(L)]
-        model = common_model_overrides(cfg, cfg["hidden_size"], cfg["num_attention_heads"])
+        model = common_model_overrides(cfg, cfg["hidden_size"], cfg["num_attention_heads"],
+                                       allow_partial_rope=True)
         qk_norm = bool(cfg.get("use_qk_norm", False))  # per head: megatron's qk_layernorm
         if qk_norm:
             model["qk_norm"] = "head"
@@ -130,14 +133,12 @@ class Glm4Moe(Arch):
         canonical: dict = {}
         self.import_common(hf, L, model["share_embeddings"], canonical)
         biases = []
+        model["qkv_bias"] = import_qkv_biases(hf, L, cfg.get("attention_bias", False),
+                                              canonical)
         for i in range(L):
             p = f"model.layers.{i}"
             for c, h in QK_NORMS if qk_norm else ():
                 canonical[f"layers.{i}.{c}"] = hf.take(f"{p}.{h}")
-            if cfg.get("attention_bias", False):
-                for proj in ("q", "k", "v"):
-                    require_zero(hf, f"{p}.self_attn.{proj}_proj.bias",
-                                 "megasmoe's attention has no bias")
             if not pattern[i]:
                 for c, h in self.mlp(f"layers.{i}.mlp", f"{p}.mlp"):
                     canonical[c] = hf.take(h)

@@ -29,6 +29,8 @@ from megasmoe.convert.archs.base import (
     ImportedModel,
     Tensors,
     common_model_overrides,
+    export_qkv_biases,
+    import_qkv_biases,
     layer_freq,
 )
 from megasmoe.convert.archs.checks import check_common, require
@@ -88,6 +90,8 @@ class Qwen2Moe(Arch):
     def unsupported(self, shape: ModelShape, routing: Routing, extra: dict) -> Optional[str]:
         if shape.qk_norm != "none":
             return f"model.qk_norm={shape.qk_norm} (Qwen2-MoE has no q/k norm)"
+        if shape.rotary_percent != 1.0:
+            return f"model.rotary_percent={shape.rotary_percent} (Qwen2-MoE rotates whole heads)"
         if routing.score_function != "softmax":
             return f"moe.router.score_function={routing.score_function} (Qwen2-MoE uses softmax)"
         if routing.selection_bias:
@@ -119,11 +123,7 @@ class Qwen2Moe(Arch):
         for i in range(shape.num_layers):
             p = f"model.layers.{i}"
             dtype = out[f"{p}.self_attn.q_proj.weight"].dtype
-            for proj in ("q", "k", "v"):
-                rows = out[f"{p}.self_attn.{proj}_proj.weight"].shape[0]
-                out[f"{p}.self_attn.{proj}_proj.bias"] = (
-                    canon.take(f"layers.{i}.{proj}_bias") if shape.qkv_bias
-                    else torch.zeros(rows, dtype=dtype))
+            export_qkv_biases(canon, shape, i, out)
             if not shape.moe_layers[i]:
                 for c, h in self.mlp(f"layers.{i}.mlp", f"{p}.mlp"):
                     out[h] = canon.take(c)
@@ -157,20 +157,11 @@ class Qwen2Moe(Arch):
         gated = bool(S) and any(
             bool(hf.tensors[f"model.layers.{i}.mlp.shared_expert_gate.weight"].abs().max() != 0)
             for i in range(L) if pattern[i])
-        # Zero q/k/v biases everywhere (megasmoe's bias-free exports) import without
-        # biases; any nonzero one (Qwen's checkpoints) sets model.qkv_bias.
-        biases = [f"model.layers.{i}.self_attn.{proj}_proj.bias" for i in range(L)
-                  for proj in ("q", "k", "v")] if cfg.get("qkv_bias", True) else []
-        model["qkv_bias"] = any(bool(hf.tensors[b].abs().max() != 0) for b in biases
-                                if hf.tensors[b].numel())
         canonical: dict = {}
         self.import_common(hf, L, model["share_embeddings"], canonical)
+        model["qkv_bias"] = import_qkv_biases(hf, L, cfg.get("qkv_bias", True), canonical)
         for i in range(L):
             p = f"model.layers.{i}"
-            for proj in ("q", "k", "v") if biases else ():
-                bias = hf.take(f"{p}.self_attn.{proj}_proj.bias")
-                if model["qkv_bias"]:
-                    canonical[f"layers.{i}.{proj}_bias"] = bias
             if not pattern[i]:
                 for c, h in self.mlp(f"layers.{i}.mlp", f"{p}.mlp"):
                     canonical[c] = hf.take(h)

@@ -62,6 +62,7 @@ class MegasmoeRemote(Arch):
             router_bias=bool(extra.get("logit_bias")), qk_norm=shape.qk_norm,
             attention_bias=shape.qkv_bias,
             rms_norm_eps=shape.norm_eps, rope_theta=float(shape.rope_base),
+            partial_rotary_factor=shape.rotary_percent,
             max_position_embeddings=shape.seq_length, tie_word_embeddings=shape.tied,
             auto_map={"AutoConfig": f"{module}.MegasmoeMoeConfig",
                       "AutoModelForCausalLM": f"{module}.MegasmoeMoeForCausalLM"},
