@@ -40,7 +40,7 @@ from megasmoe.training.data import batch_iterator, build_datasets
 from megasmoe.training.distributed import destroy_distributed, init_distributed, is_main
 from megasmoe.training.metrics import MetricsWriter, Throughput
 
-__all__ = ["Trainer", "pretrain", "RequeueExit", "EXIT_REQUEUE"]
+__all__ = ["Trainer", "pretrain", "RequeueExit", "EXIT_REQUEUE", "flops_per_token"]
 
 EXIT_REQUEUE = 75
 """Exit code after a checkpoint requested by SIGTERM/SIGUSR1 (EX_TEMPFAIL): requeue me."""
@@ -456,15 +456,37 @@ def _memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def flops_per_token(cfg: Config) -> float:
+    """Training FLOPs per token: 6 x the matmul parameters a token passes through, plus
+    the attention scores (12 x layers x sequence x query width).
+
+    Counted per layer from the config, as megatron builds it: q/k/v/o projections (GQA,
+    head_dim; biases left out), the router (a linear gate, as topk's), the top-k routed
+    experts and the shared expert (and its gate) of MoE layers (gated SwiGLU: 3
+    matrices), the dense MLP of dense layers, and the output layer over the padded
+    vocabulary (the embedding is a lookup).
+    """
+    from megasmoe.model import padded_vocab_size
+
+    m, e, t = cfg.model, cfg.moe, cfg.train
+    h = m.hidden_size
+    d = m.head_dim or h // m.num_heads
+    q, kv = m.num_heads * d, (m.num_query_groups or m.num_heads) * d
+    attention = 2 * h * q + 2 * h * kv
+    freq = e.layer_freq
+    moe_layers = ([bool(x) for x in freq] if isinstance(freq, list)
+                  else [i % freq == 0 for i in range(m.num_layers)])
+    moe_mlp = (h * e.num_experts + 3 * h * e.ffn_hidden_size * e.topk
+               + 3 * h * e.shared_expert_size + (h if e.shared_expert_gate else 0))
+    dense_mlp = 3 * h * (m.ffn_hidden_size or 4 * h)
+    active = sum(attention + (moe_mlp if moe else dense_mlp) for moe in moe_layers)
+    active += h * padded_vocab_size(m.vocab_size, cfg.parallel.tp)
+    return 6.0 * active + 12.0 * m.num_layers * t.seq_length * q
+
+
 def _tflops_per_gpu(cfg: Config, tokens_per_sec: float) -> float:
-    """Model TFLOP/s per GPU: 6 x active params per token + attention (approximate)."""
-    m, e = cfg.model, cfg.moe
-    h, L = m.hidden_size, m.num_layers
-    attn = 4 * h * h
-    expert = 3 * h * e.ffn_hidden_size * e.topk + 3 * h * e.shared_expert_size
-    active = L * (attn + expert) + 2 * m.vocab_size * h
-    flops = 6 * active + 12 * L * h * cfg.train.seq_length
-    return flops * tokens_per_sec / dist.get_world_size() / 1e12
+    """Model TFLOP/s per GPU from the global token throughput (see flops_per_token)."""
+    return flops_per_token(cfg) * tokens_per_sec / dist.get_world_size() / 1e12
 
 
 def pretrain(cfg: Config) -> dict:
