@@ -541,6 +541,14 @@ def _check_split(split: str) -> None:
              f"data.split={split!r} leaves the train or valid split empty; {fix}")
 
 
+def moe_layer_pattern(layer_freq: Union[int, list], num_layers: int) -> list[bool]:
+    """Which layers are MoE for moe.layer_freq, as megatron reads it: a 0/1 list per
+    layer, or N: layer i is MoE iff i % N == 0."""
+    if isinstance(layer_freq, list):
+        return [bool(x) for x in layer_freq]
+    return [i % layer_freq == 0 for i in range(num_layers)]
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     """Check a config before any process group starts; fills derived fields.
 

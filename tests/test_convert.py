@@ -232,6 +232,15 @@ def _hf_common() -> dict:
                 tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
 
 
+def perturb_qk_norms(model, seed: int) -> None:
+    """Per-channel q/k norm weights (HF inits them to ones), so their layout matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.copy_(1 + torch.randn(norm.weight.shape, generator=gen) / 4)
+
+
 def build_hf(kind: str, **changes):
     """A tiny randomly initialised HF MoE model (transformers' own config classes)."""
     import transformers as tf
@@ -274,33 +283,24 @@ def build_hf(kind: str, **changes):
             gen = torch.Generator().manual_seed(1)
             for layer in model.model.layers[1:]:
                 layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(4, generator=gen) / 10)
-            for layer in model.model.layers if qk_norm else []:  # per-channel weights
-                for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-                    norm.weight.copy_(1 + torch.randn(norm.weight.shape, generator=gen) / 4)
             for layer in model.model.layers if air else []:
                 for proj in ("q_proj", "k_proj", "v_proj"):
                     bias = getattr(layer.self_attn, proj).bias
                     bias.copy_(torch.randn(bias.shape, generator=gen) / 10)
+        if qk_norm:
+            perturb_qk_norms(model, seed=1)
         return model
     if kind == "qwen3_moe":
         model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
             **common, head_dim=24, intermediate_size=96, moe_intermediate_size=32,
             num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
             **changes))
-        with torch.no_grad():  # per-channel q/k norm weights, so their layout matters
-            gen = torch.Generator().manual_seed(4)
-            for layer in model.model.layers:
-                for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-                    norm.weight.copy_(1 + torch.randn(norm.weight.shape, generator=gen) / 4)
+        perturb_qk_norms(model, seed=4)
         return model
     if kind == "olmoe":
         model = tf.OlmoeForCausalLM(tf.OlmoeConfig(
             **common, intermediate_size=32, num_experts=4, num_experts_per_tok=2, **changes))
-        with torch.no_grad():  # per-channel q/k norm weights, so their layout matters
-            gen = torch.Generator().manual_seed(2)
-            for layer in model.model.layers:
-                for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-                    norm.weight.copy_(1 + torch.randn(norm.weight.shape, generator=gen) / 4)
+        perturb_qk_norms(model, seed=2)
         return model
     raise ValueError(kind)
 

@@ -92,10 +92,10 @@ class ModelShape:
     def from_config(cls, cfg: dict) -> "ModelShape":
         """Read the shape from a megasmoe config dict (megasmoe.json ``config``)."""
         m, e = cfg["model"], cfg["moe"]
+        from megasmoe.config import moe_layer_pattern
+
         L = m["num_layers"]
-        freq = e.get("layer_freq", 1)
-        pattern = [bool(x) for x in freq] if isinstance(freq, list) else \
-            [i % freq == 0 for i in range(L)]  # megatron: layer i is MoE iff i % freq == 0
+        pattern = moe_layer_pattern(e.get("layer_freq", 1), L)
         return cls(
             num_layers=L, hidden_size=m["hidden_size"], num_heads=m["num_heads"],
             num_query_groups=m.get("num_query_groups") or m["num_heads"],

@@ -168,8 +168,8 @@ def export_gate(ctx: RouterContext, allow_drop: bool = False,
             raise _refuse(ctx.name, (
                 f"layer {ctx.layer} adds a per-expert bias to the router logits (range "
                 f"{b.min().item():.4g}..{b.max().item():.4g}) and no standard architecture "
-                f"(Mixtral, Qwen2-MoE, GLM4-MoE, OLMoE) has a router logit bias; pass "
-                f"--remote-code to export megasmoe's own architecture (loads with "
+                f"(Mixtral, Qwen2-MoE, GLM4-MoE, OLMoE, Qwen3-MoE) has a router logit bias; "
+                f"pass --remote-code to export megasmoe's own architecture (loads with "
                 f"trust_remote_code), or --allow-drop to export the gate without it (the "
                 f"routing then differs)"))
         else:

@@ -466,6 +466,7 @@ def flops_per_token(cfg: Config) -> float:
     matrices), the dense MLP of dense layers, and the output layer over the padded
     vocabulary (the embedding is a lookup).
     """
+    from megasmoe.config import moe_layer_pattern
     from megasmoe.model import padded_vocab_size
 
     m, e, t = cfg.model, cfg.moe, cfg.train
@@ -473,9 +474,7 @@ def flops_per_token(cfg: Config) -> float:
     d = m.head_dim or h // m.num_heads
     q, kv = m.num_heads * d, (m.num_query_groups or m.num_heads) * d
     attention = 2 * h * q + 2 * h * kv
-    freq = e.layer_freq
-    moe_layers = ([bool(x) for x in freq] if isinstance(freq, list)
-                  else [i % freq == 0 for i in range(m.num_layers)])
+    moe_layers = moe_layer_pattern(e.layer_freq, m.num_layers)
     moe_mlp = (h * e.num_experts + 3 * h * e.ffn_hidden_size * e.topk
                + 3 * h * e.shared_expert_size + (h if e.shared_expert_gate else 0))
     dense_mlp = 3 * h * (m.ffn_hidden_size or 4 * h)

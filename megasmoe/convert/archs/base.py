@@ -20,6 +20,7 @@ from megasmoe.convert.routers import Routing
 
 __all__ = ["Arch", "Tensors", "ImportedModel", "LAYER_COMMON", "GLOBAL_COMMON", "require_zero",
            "common_model_overrides", "layer_freq", "plain_moe_unsupported", "QK_NORMS",
+           "export_qk_norms", "import_qk_norms",
            "import_qkv_biases", "export_qkv_biases"]
 
 # (canonical, HF) names shared by Mixtral, Qwen2-MoE and GLM4-MoE (Llama layout).
@@ -36,6 +37,18 @@ LAYER_COMMON = (
 
 QK_NORMS = (("q_norm", "self_attn.q_norm.weight"), ("k_norm", "self_attn.k_norm.weight"))
 """(canonical, HF) names of the q/k norms (OLMoE full width, Qwen3-MoE per head)."""
+
+
+def export_qk_norms(canon: "Tensors", i: int, out: dict) -> None:
+    """Layer i's q/k norm weights under their HF names."""
+    for c, h in QK_NORMS:
+        out[f"model.layers.{i}.{h}"] = canon.take(f"layers.{i}.{c}")
+
+
+def import_qk_norms(hf: "Tensors", i: int, canonical: dict) -> None:
+    """Inverse of ``export_qk_norms``."""
+    for c, h in QK_NORMS:
+        canonical[f"layers.{i}.{c}"] = hf.take(f"model.layers.{i}.{h}")
 
 
 class Tensors:

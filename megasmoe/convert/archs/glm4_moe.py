@@ -18,12 +18,13 @@ from typing import Optional
 import torch
 
 from megasmoe.convert.archs.base import (
-    QK_NORMS,
     Arch,
     ImportedModel,
     Tensors,
     common_model_overrides,
+    export_qk_norms,
     export_qkv_biases,
+    import_qk_norms,
     import_qkv_biases,
     layer_freq,
 )
@@ -90,8 +91,7 @@ class Glm4Moe(Arch):
             if shape.qkv_bias:
                 export_qkv_biases(canon, shape, i, out)
             if shape.qk_norm == "head":
-                for c, h in QK_NORMS:
-                    out[f"model.layers.{i}.{h}"] = canon.take(f"layers.{i}.{c}")
+                export_qk_norms(canon, i, out)
             p = f"model.layers.{i}.mlp"
             if not shape.moe_layers[i]:
                 for c, h in self.mlp(f"layers.{i}.mlp", p):
@@ -137,8 +137,8 @@ class Glm4Moe(Arch):
                                               canonical)
         for i in range(L):
             p = f"model.layers.{i}"
-            for c, h in QK_NORMS if qk_norm else ():
-                canonical[f"layers.{i}.{c}"] = hf.take(f"{p}.{h}")
+            if qk_norm:
+                import_qk_norms(hf, i, canonical)
             if not pattern[i]:
                 for c, h in self.mlp(f"layers.{i}.mlp", f"{p}.mlp"):
                     canonical[c] = hf.take(h)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megasmoe.convert.archs.base import (QK_NORMS, Arch, ImportedModel, Tensors,
-                                         common_model_overrides, plain_moe_unsupported)
+from megasmoe.convert.archs.base import (Arch, ImportedModel, Tensors, common_model_overrides,
+                                         export_qk_norms, import_qk_norms,
+                                         plain_moe_unsupported)
 from megasmoe.convert.archs.checks import check_common, require
 from megasmoe.convert.megatron_layout import ModelShape
 from megasmoe.convert.routers import Routing
@@ -59,8 +60,7 @@ class Olmoe(Arch):
         self.export_common(canon, shape, out)
         for i in range(shape.num_layers):
             p = f"model.layers.{i}"
-            for c, h in QK_NORMS:
-                out[f"{p}.{h}"] = canon.take(f"layers.{i}.{c}")
+            export_qk_norms(canon, i, out)
             out[f"{p}.mlp.gate.weight"] = canon.take(f"layers.{i}.gate.weight")
             self.export_experts(canon, i, shape.num_experts, f"{p}.mlp", _EXPERT_NAMES, out,
                                 down_scale=routing.scaling)
@@ -79,8 +79,7 @@ class Olmoe(Arch):
         self.import_common(hf, L, model["share_embeddings"], canonical)
         for i in range(L):
             p = f"model.layers.{i}"
-            for c, h in QK_NORMS:
-                canonical[f"layers.{i}.{c}"] = hf.take(f"{p}.{h}")
+            import_qk_norms(hf, i, canonical)
             canonical[f"layers.{i}.router.weight"] = hf.take(f"{p}.mlp.gate.weight")
             self.import_experts(hf, i, E, f"{p}.mlp", _EXPERT_NAMES, canonical)
         moe = {"num_experts": E, "topk": cfg["num_experts_per_tok"],

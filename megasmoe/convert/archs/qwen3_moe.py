@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megasmoe.convert.archs.base import (QK_NORMS, Arch, ImportedModel, Tensors,
-                                         plain_moe_unsupported, require_zero)
+from megasmoe.convert.archs.base import (Arch, ImportedModel, Tensors, export_qk_norms,
+                                         import_qk_norms, plain_moe_unsupported, require_zero)
 from megasmoe.convert.archs.qwen2_moe import qwen_config, qwen_import_start, qwen_moe_section
 from megasmoe.convert.megatron_layout import ModelShape
 from megasmoe.convert.routers import Routing
@@ -60,8 +60,7 @@ class Qwen3Moe(Arch):
         self.export_common(canon, shape, out)
         for i in range(shape.num_layers):
             p = f"model.layers.{i}"
-            for c, h in QK_NORMS:
-                out[f"{p}.{h}"] = canon.take(f"layers.{i}.{c}")
+            export_qk_norms(canon, i, out)
             if not shape.moe_layers[i]:
                 for c, h in self.mlp(f"layers.{i}.mlp", f"{p}.mlp"):
                     out[h] = canon.take(c)
@@ -83,8 +82,7 @@ class Qwen3Moe(Arch):
                 for proj in ("q", "k", "v", "o"):
                     require_zero(hf, f"{p}.self_attn.{proj}_proj.bias",
                                  "megasmoe's attention has no o_proj bias (q/k/v: Qwen2-MoE)")
-            for c, h in QK_NORMS:
-                canonical[f"layers.{i}.{c}"] = hf.take(f"{p}.{h}")
+            import_qk_norms(hf, i, canonical)
             if not pattern[i]:
                 for c, h in self.mlp(f"layers.{i}.mlp", f"{p}.mlp"):
                     canonical[c] = hf.take(h)

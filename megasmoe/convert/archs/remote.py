@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megasmoe.convert.archs.base import QK_NORMS, Arch, ImportedModel, Tensors
+from megasmoe.convert.archs.base import Arch, ImportedModel, Tensors, export_qk_norms
 from megasmoe.convert.errors import ConversionError
 from megasmoe.convert.megatron_layout import ModelShape
 from megasmoe.convert.routers import Routing
@@ -74,8 +74,7 @@ class MegasmoeRemote(Arch):
         for i in range(shape.num_layers):
             p = f"model.layers.{i}"
             if shape.qk_norm != "none":
-                for c, h in QK_NORMS:
-                    out[f"{p}.{h}"] = canon.take(f"layers.{i}.{c}")
+                export_qk_norms(canon, i, out)
             if shape.qkv_bias:
                 for proj in ("q", "k", "v"):
                     out[f"{p}.self_attn.{proj}_proj.bias"] = canon.take(f"layers.{i}.{proj}_bias")
