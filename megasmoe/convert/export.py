@@ -3,7 +3,7 @@
 Steps, all on one CPU process: read and check the checkpoint (reader.py); megatron
 tensors -> canonical per-layer tensors (megatron_layout.py); each MoE layer's router ->
 a plain gate by the router's exporter (routers.py); pick the first architecture that
-holds the model exactly (archs/: Mixtral, Qwen2-MoE, GLM4-MoE, OLMoE; with
+holds the model exactly (archs/: Mixtral, Qwen2-MoE, GLM4-MoE, OLMoE, Qwen3-MoE; with
 ``remote_code`` last megasmoe's own, archs/remote.py); write
 sharded safetensors + index, config.json, generation_config.json and the tokenizer;
 then load the result with transformers and require that every tensor was filled and

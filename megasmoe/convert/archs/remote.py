@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megasmoe.convert.archs.base import Arch, ImportedModel, Tensors, export_qk_norms
+from megasmoe.convert.archs.base import (Arch, ImportedModel, Tensors, export_qk_norms,
+                                         export_qkv_biases)
 from megasmoe.convert.errors import ConversionError
 from megasmoe.convert.megatron_layout import ModelShape
 from megasmoe.convert.routers import Routing
@@ -76,8 +77,7 @@ class MegasmoeRemote(Arch):
             if shape.qk_norm != "none":
                 export_qk_norms(canon, i, out)
             if shape.qkv_bias:
-                for proj in ("q", "k", "v"):
-                    out[f"{p}.self_attn.{proj}_proj.bias"] = canon.take(f"layers.{i}.{proj}_bias")
+                export_qkv_biases(canon, shape, i, out)
             if not shape.moe_layers[i]:
                 for c, h in self.mlp(f"layers.{i}.mlp", f"{p}.mlp"):
                     out[h] = canon.take(c)
