@@ -56,7 +56,13 @@ LAYOUTS = {
                   "model.ffn_hidden_size=192",
                   "moe.router.pre_softmax=true", "model.num_query_groups=2",
                   "model.vocab_size=4000", "data.source=mock"],
+    # Router logit biases, written as GPT-OSS's router bias (no remote code): HyperRouter's
+    # generated b at EP=2, DSMoE's steering bias at TP=2+SP.
+    "ep2_hyper": ["parallel.ep=2", "moe.router.name=hyper"],
+    "tp2_steer": ["parallel.ep=1", "parallel.tp=2", "parallel.sp=true",
+                  "moe.router.name=domain_steer", "moe.router.file={root}/steering.json"],
 }
+STEERING = {"mode": "additive", "lambda": 0.5, "experts": {"0": [1], "1": [2, 3], "3": [0]}}
 TOL = 1e-4
 # Everything here is local: never ask the Hub (no network on the test machines).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -84,6 +90,33 @@ def hf_tensors(hf_dir: Path) -> dict:
     for f in sorted(glob.glob(str(Path(hf_dir) / "*.safetensors"))):
         out.update(load_file(f))
     return out
+
+
+def assert_router_bias(hf_dir: Path, name: str, num_layers: int) -> None:
+    """Some layer's exported router bias (``name`` with {} for the layer) is not constant
+    over the experts (a constant one would fold away), so the target must hold it."""
+    tensors = hf_tensors(hf_dir)
+    biases = [tensors[name.format(i)] for i in range(num_layers) if name.format(i) in tensors]
+    assert biases and any(b.max() > b.min() for b in biases)
+
+
+def assert_gpt_oss_experts_are_the_checkpoints(run: Path, hf_dir: Path) -> None:
+    """GPT-OSS's experts hold the checkpoint's weights bit for bit (gate/up interleaved,
+    transposed; its activation made SiLU by config, not by rescaled weights), the up
+    bias is -1 and every other expert bias 0."""
+    from megasmoe.convert.megatron_layout import ModelShape, to_canonical
+    from megasmoe.convert.reader import read_checkpoint
+
+    checkpoint = read_checkpoint(run)
+    canonical, _ = to_canonical(checkpoint.tensors, ModelShape.from_config(checkpoint.config))
+    hf = hf_tensors(hf_dir)
+    p = "model.layers.0.mlp.experts"
+    gate_up, bias = hf[f"{p}.gate_up_proj"], hf[f"{p}.gate_up_proj_bias"]
+    assert torch.equal(gate_up[..., 0::2], canonical["layers.0.experts.gate"].transpose(1, 2))
+    assert torch.equal(gate_up[..., 1::2], canonical["layers.0.experts.up"].transpose(1, 2))
+    assert torch.equal(hf[f"{p}.down_proj"], canonical["layers.0.experts.down"].transpose(1, 2))
+    assert bool((bias[:, 0::2] == 0).all()) and bool((bias[:, 1::2] == -1).all())
+    assert not hf[f"{p}.down_proj_bias"].any()
 
 
 def assert_bitwise_equal(a: dict, b: dict) -> None:
@@ -115,7 +148,8 @@ class TrainedRuns:
     def run(self, layout: str) -> Path:
         run_dir = self.root / layout
         if not (run_dir / "checkpoints" / "latest").exists():
-            overrides = LAYOUTS[layout]
+            overrides = [o.format(root=self.root) for o in LAYOUTS[layout]]
+            (self.root / "steering.json").write_text(json.dumps(STEERING))
             nproc = 4 if "parallel.world_size=4" in overrides else 2
             run_megasmoe(["pretrain", "configs/tiny-cpu.yaml", *TRAIN, f"run.dir={run_dir}",
                           *overrides], nproc=nproc)
@@ -143,7 +177,8 @@ def test_export_matches_megasmoe_logits_and_loss(trained, layout):
     out = report.out_dir
     mixed = layout == "pp2_mixed"
     architecture = {"pp2_mixed": "Qwen2MoeForCausalLM", "tp2_pp2": "Qwen2MoeForCausalLM",
-                    "tp2_qknorm": "OlmoeForCausalLM"}.get(layout, "MixtralForCausalLM")
+                    "tp2_qknorm": "OlmoeForCausalLM", "ep2_hyper": "GptOssForCausalLM",
+                    "tp2_steer": "GptOssForCausalLM"}.get(layout, "MixtralForCausalLM")
     assert report.architecture == architecture
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
@@ -156,6 +191,9 @@ def test_export_matches_megasmoe_logits_and_loss(trained, layout):
     assert hf_tensors(out)["model.embed_tokens.weight"].shape == (vocab, 128)  # un-padded
     if layout == "tp2_pp2":  # the trained q/k/v biases, written as Qwen2-MoE's
         assert hf_tensors(out)["model.layers.3.self_attn.k_proj.bias"].abs().max() > 0
+    if architecture == "GptOssForCausalLM":  # a per-expert router bias, no remote code
+        assert_router_bias(out, "model.layers.{}.mlp.router.bias", config["num_hidden_layers"])
+        assert "auto_map" not in config and not list(out.glob("*.py"))
     if mixed:  # megasmoe's learned shared-expert gate, written as Qwen2-MoE's
         assert hf_tensors(out)["model.layers.0.mlp.shared_expert_gate.weight"].abs().max() > 0
         assert (config["mlp_only_layers"], config["shared_expert_intermediate_size"],
@@ -512,14 +550,24 @@ EXPORTABLE = {
     "dense_shared_padded": (["moe.layer_freq=[0,1]", "moe.shared_expert_size=48",
                              "model.ffn_hidden_size=96", "model.vocab_size=500"],
                             "Qwen2MoeForCausalLM", 2),
+    # A per-expert router logit bias: GPT-OSS (its router bias), no remote code.
+    "hyper": (["moe.router.name=hyper"], "GptOssForCausalLM", 2),
+    "domain_steer": (["moe.router.name=domain_steer", "moe.router.file={steering}"],
+                     "GptOssForCausalLM", 2),
+    "hyper_gqa_qkv_bias_tied": (["moe.router.name=hyper", "model.num_query_groups=2",
+                                 "model.qkv_bias=true", "model.head_dim=24",
+                                 "model.share_embeddings=true"], "GptOssForCausalLM", 2),
+    "hyper_bf16": (["moe.router.name=hyper", "train.precision=bf16"], "GptOssForCausalLM", 2),
 }
 
 
 @pytest.mark.parametrize("case", list(EXPORTABLE))
-def test_router_exports_with_logit_parity(tmp_path, case):
+def test_router_exports_with_logit_parity(tmp_path, steering_file, case):
     overrides, architecture, k = EXPORTABLE[case]
+    overrides = [o.format(steering=steering_file) for o in overrides]
     mutate = {"sigmoid_bias": random_expert_bias,
-              "sigmoid_partial_rope_qkv_bias": random_qkv_bias}.get(case)
+              "sigmoid_partial_rope_qkv_bias": random_qkv_bias,
+              "hyper_gqa_qkv_bias_tied": random_qkv_bias}.get(case)
     run = make_checkpoint(tmp_path / "run", overrides, mutate)
     report = to_hf(run, tmp_path / "hf")
     assert report.architecture == architecture and report.routing.topk == k
@@ -530,6 +578,12 @@ def test_router_exports_with_logit_parity(tmp_path, case):
     if case == "sigmoid_bias":
         bias = hf_tensors(tmp_path / "hf")["model.layers.0.mlp.gate.e_score_correction_bias"]
         assert bias.abs().max() > 0
+    if architecture == "GptOssForCausalLM":
+        assert_router_bias(tmp_path / "hf", "model.layers.{}.mlp.router.bias", 2)
+        assert "auto_map" not in config and not list((tmp_path / "hf").glob("*.py"))
+        assert_gpt_oss_experts_are_the_checkpoints(run, tmp_path / "hf")
+        with pytest.raises(ConversionError, match=r"^model_type='gpt_oss' is an export target"):
+            from_hf(tmp_path / "hf", tmp_path / "back")
     assert_parity(verify(run, tmp_path / "hf", eval_token_ids(vocab)),
                   padded=case == "dense_shared_padded")
 
@@ -541,12 +595,17 @@ REFUSED = {
     "spectral": (["moe.router.name=spectral", "moe.router.k_svd=8"],
                  r"^router spectral cannot be exported to a standard architecture; "
                  r"moe\.router\.c=0\.5"),
-    "hyper": (["moe.router.name=hyper"],
-              r"^router hyper cannot be exported to a standard architecture; layer 0 adds a "
-              r"per-expert bias to the router logits .* pass --remote-code"),
-    "domain_steer": (["moe.router.name=domain_steer", "moe.router.file={steering}"],
-                     r"^router domain_steer cannot be exported to a standard architecture; "
-                     r"layer 0 adds a per-expert bias"),
+    # A router logit bias with what GPT-OSS lacks: megasmoe's own architecture only.
+    "hyper_shared_expert": (["moe.router.name=hyper", "moe.shared_expert_size=48"],
+                            r"^router hyper cannot be exported to a standard architecture; "
+                            r"layer 0 adds a per-expert bias to the router logits .*; GPT-OSS "
+                            r"is the only .* cannot hold this model \(moe\.shared_expert_size"
+                            r"=48 .*\); pass --remote-code"),
+    "domain_steer_qk_norm": (["moe.router.name=domain_steer", "moe.router.file={steering}",
+                              "model.qk_norm=head"],
+                             r"^router domain_steer cannot be exported to a standard "
+                             r"architecture; layer 0 adds a per-expert bias .* \(model\."
+                             r"qk_norm=head"),
     "sigmoid_dense_in_between": (["moe.router.score_function=sigmoid", "moe.layer_freq=[1,0]"],
                                  r"glm4_moe: moe\.layer_freq puts dense layers after MoE "
                                  r"layers"),
@@ -564,7 +623,8 @@ def test_unsupported_router_or_config_is_refused(tmp_path, steering_file, case):
 
 
 REMOTE = {
-    # A router logit bias no standard architecture has: megasmoe's own (remote code).
+    # A router logit bias with --remote-code: megasmoe's own architecture before GPT-OSS
+    # (exact in every dtype, where GPT-OSS rescales expert weights).
     "hyper": ["moe.router.name=hyper"],
     "domain_steer": ["moe.router.name=domain_steer", "moe.router.file={steering}"],
     "hyper_qk_norm_head": ["moe.router.name=hyper", "model.qk_norm=head"],
@@ -579,7 +639,8 @@ REMOTE = {
 
 @pytest.mark.parametrize("case", list(REMOTE))
 def test_router_logit_bias_exports_with_remote_code(tmp_path, steering_file, case):
-    """--remote-code: hyper's generated bias and DSMoE's steering bias, exact by logits."""
+    """--remote-code: hyper's generated bias and DSMoE's steering bias as megasmoe's own
+    architecture, exact by logits."""
     from transformers import AutoModelForCausalLM
 
     overrides = [o.format(steering=steering_file) for o in REMOTE[case]]
@@ -612,6 +673,32 @@ def test_router_logit_bias_exports_with_remote_code(tmp_path, steering_file, cas
         assert torch.equal(got, want)
 
 
+def test_gpt_oss_needs_a_transformers_that_reads_its_swiglu_fields(tmp_path, monkeypatch):
+    """A transformers that hard-codes GPT-OSS's activation would load a different model:
+    the logit bias is then refused, naming transformers."""
+    from megasmoe.convert.archs import gpt_oss
+
+    monkeypatch.setattr(gpt_oss, "_honours_swiglu_fields", lambda: False)
+    run = make_checkpoint(tmp_path / "run", ["moe.router.name=hyper"])
+    with pytest.raises(ConversionError, match=r"cannot hold this model \(transformers .* "
+                                              r"hard-codes GPT-OSS's SwiGLU"):
+        to_hf(run, tmp_path / "hf")
+
+
+def test_gpt_oss_folds_a_routing_scaling_factor_into_down_projections():
+    """GPT-OSS has no routed scaling factor: x s folds into the down projections."""
+    from megasmoe.convert.archs import Tensors
+    from megasmoe.convert.archs.gpt_oss import _experts
+
+    gen = torch.Generator().manual_seed(0)
+    canon = {f"layers.0.experts.{n}": torch.randn(shape, generator=gen)
+             for n, shape in (("gate", (2, 3, 4)), ("up", (2, 3, 4)), ("down", (2, 4, 3)))}
+    plain = _experts(Tensors(canon, "test"), 0, "e", None)
+    scaled = _experts(Tensors(canon, "test"), 0, "e", 1.5)
+    assert torch.equal(scaled["e.down_proj"], plain["e.down_proj"] * 1.5)
+    assert torch.equal(scaled["e.gate_up_proj"], plain["e.gate_up_proj"])
+
+
 def test_remote_code_is_a_last_resort(tmp_path):
     """A model a standard architecture holds is written as that one even with --remote-code."""
     run = make_checkpoint(tmp_path / "run", [])
@@ -621,8 +708,9 @@ def test_remote_code_is_a_last_resort(tmp_path):
 
 
 def test_allow_drop_exports_without_the_bias_and_says_so(tmp_path):
-    run = make_checkpoint(tmp_path / "run", ["moe.router.name=hyper"])
+    run = make_checkpoint(tmp_path / "run", ["moe.router.name=hyper", "moe.shared_expert_size=48"])
     report = to_hf(run, tmp_path / "hf", allow_drop=True)
+    assert report.architecture == "Qwen2MoeForCausalLM"
     assert report.dropped == ["layer 0: router logit bias of hyper",
                               "layer 1: router logit bias of hyper"]
     assert "DROPPED (--allow-drop)" in report.summary()

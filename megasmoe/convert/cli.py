@@ -84,9 +84,10 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--allow-drop", action="store_true",
                    help="export even if some megatron tensors cannot be written (listed)")
     p.add_argument("--remote-code", action="store_true",
-                   help="if no standard architecture holds the model (router logit bias: "
-                        "hyper, steered domain_steer), write megasmoe's own "
-                        "(loads with trust_remote_code)")
+                   help="write megasmoe's own architecture (loads with trust_remote_code) "
+                        "for a router logit bias (hyper, steered domain_steer; exact in every "
+                        "dtype, where the default GPT-OSS export adds 1 to the up projection) "
+                        "or a model no standard architecture holds")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer file or dir (default: the run's, if any)")
     p.add_argument("--max-shard-size", type=int, default=5 * 10**9, help="bytes per shard")

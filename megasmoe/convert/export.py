@@ -3,8 +3,8 @@
 Steps, all on one CPU process: read and check the checkpoint (reader.py); megatron
 tensors -> canonical per-layer tensors (megatron_layout.py); each MoE layer's router ->
 a plain gate by the router's exporter (routers.py); pick the first architecture that
-holds the model exactly (archs/: Mixtral, Qwen2-MoE, GLM4-MoE, OLMoE, Qwen3-MoE; with
-``remote_code`` last megasmoe's own, archs/remote.py); write
+holds the model exactly (archs/: Mixtral, Qwen2-MoE, GLM4-MoE, OLMoE, Qwen3-MoE, GPT-OSS;
+with ``remote_code`` also megasmoe's own, archs/remote.py); write
 sharded safetensors + index, config.json, generation_config.json and the tokenizer;
 then load the result with transformers and require that every tensor was filled and
 none was left over. Every megatron tensor must be written: one that is not is an
@@ -26,7 +26,8 @@ from megasmoe.convert.errors import ConversionError
 from megasmoe.convert.hf_io import DEFAULT_MAX_SHARD_BYTES, write_json, write_safetensors
 from megasmoe.convert.megatron_layout import ModelShape, to_canonical
 from megasmoe.convert.reader import read_checkpoint
-from megasmoe.convert.routers import RouterContext, Routing, export_gate, router_options
+from megasmoe.convert.routers import (RouterContext, Routing, export_gate, refuse_logit_bias,
+                                      router_options)
 from megasmoe.convert.tokenizer import find_tokenizer, write_tokenizer
 
 __all__ = ["ExportReport", "HFState", "to_hf", "choose_target", "hf_state_dict"]
@@ -74,11 +75,9 @@ def _refuse_config(cfg: dict) -> None:
 
 
 def _export_routers(canonical: dict, shape: ModelShape, cfg: dict, allow_drop: bool,
-                    dropped: list, keep_bias: bool = False) -> Routing:
-    """Replace each MoE layer's ``router.*`` tensors by ``gate.*``; returns the routing.
-
-    ``keep_bias``: keep a per-expert logit bias as ``gate.bias`` (remote-code export).
-    """
+                    dropped: list) -> Routing:
+    """Replace each MoE layer's ``router.*`` tensors by ``gate.*`` (a per-expert logit
+    bias as ``gate.bias``); returns the routing."""
     name = cfg["moe"]["router"]["name"]
     options = router_options(cfg)
     routing = None
@@ -88,8 +87,7 @@ def _export_routers(canonical: dict, shape: ModelShape, cfg: dict, allow_drop: b
         prefix = f"layers.{i}.router."
         tensors = {k[len(prefix):]: canonical.pop(k) for k in list(canonical)
                    if k.startswith(prefix)}
-        gate = export_gate(RouterContext(name, i, tensors, options, cfg), allow_drop, dropped,
-                           keep_bias=keep_bias)
+        gate = export_gate(RouterContext(name, i, tensors, options, cfg), allow_drop, dropped)
         canonical[f"layers.{i}.gate.weight"] = gate.weight
         if gate.bias is not None:
             canonical[f"layers.{i}.gate.bias"] = gate.bias
@@ -117,18 +115,46 @@ def _check_layer_kinds(canonical: dict, shape: ModelShape) -> None:
 def choose_target(shape: ModelShape, routing: Routing, extra: dict,
                   remote_code: bool = False) -> Arch:
     """The first architecture that holds the model exactly; ConversionError naming why
-    each one cannot. megasmoe's own (remote-code) architecture comes last, and only with
-    ``remote_code``."""
+    each one cannot. megasmoe's own (remote-code) architecture is tried only with
+    ``remote_code``: first for a router logit bias (exact in every dtype, where GPT-OSS
+    rescales weights), last otherwise."""
+    targets = EXPORT_TARGETS
+    if remote_code:
+        targets = ((REMOTE_TARGET, *targets) if extra.get("logit_bias")
+                   else (*targets, REMOTE_TARGET))
     reasons = []
-    for arch in (*EXPORT_TARGETS, *([REMOTE_TARGET] if remote_code else [])):
+    for arch in targets:
         why = arch.unsupported(shape, routing, extra)
-        if why is None and extra.get("logit_bias") and not arch.remote_code:
+        if why is None and extra.get("logit_bias") and not arch.router_bias:
             why = "no router logit bias"
         if why is None:
             return arch
         reasons.append(f"{arch.name}: {why}")
     raise ConversionError("no standard architecture holds this model exactly ("
                           + "; ".join(reasons) + ")")
+
+
+def _choose_or_drop_bias(canonical: dict, shape: ModelShape, routing: Routing, extra: dict,
+                         cfg: dict, allow_drop: bool, remote_code: bool, dropped: list) -> Arch:
+    """``choose_target``; when only the router logit bias stands in the way, refuse it
+    naming the router and the way out, or with ``allow_drop`` drop it (listed) and
+    choose again."""
+    try:
+        return choose_target(shape, routing, extra, remote_code)
+    except ConversionError:
+        if not extra["logit_bias"]:
+            raise
+    name = cfg["moe"]["router"]["name"]
+    biased = sorted(int(k.split(".")[1]) for k in canonical if k.endswith(".gate.bias"))
+    if not allow_drop:
+        holder = next(a for a in EXPORT_TARGETS if a.router_bias)
+        raise refuse_logit_bias(name, biased[0], canonical[f"layers.{biased[0]}.gate.bias"],
+                                holder.unsupported(shape, routing, extra))
+    for i in biased:
+        del canonical[f"layers.{i}.gate.bias"]
+        dropped.append(f"layer {i}: router logit bias of {name}")
+    extra["logit_bias"] = False
+    return choose_target(shape, routing, extra, remote_code)
 
 
 @dataclass
@@ -146,8 +172,8 @@ class HFState:
 def hf_state_dict(checkpoint, allow_drop: bool = False, remote_code: bool = False) -> HFState:
     """The HF tensors of a read checkpoint, the chosen architecture and what was dropped.
 
-    ``remote_code``: a model no standard architecture holds (a router logit bias) may be
-    written as megasmoe's own architecture (loads with trust_remote_code).
+    ``remote_code``: megasmoe's own architecture (loads with trust_remote_code) may be
+    written: for a router logit bias, or a model no standard architecture holds.
     """
     cfg = checkpoint.config
     _refuse_config(cfg)
@@ -160,12 +186,13 @@ def hf_state_dict(checkpoint, allow_drop: bool = False, remote_code: bool = Fals
                                   f"{', '.join(sorted(unknown))}; pass --allow-drop to export "
                                   f"without them")
         dropped += sorted(unknown)
-    routing = _export_routers(canonical, shape, cfg, allow_drop, dropped, keep_bias=remote_code)
+    routing = _export_routers(canonical, shape, cfg, allow_drop, dropped)
     _check_layer_kinds(canonical, shape)
     extra = {"aux_loss_coeff": cfg["moe"].get("aux_loss_coeff", 0.0),
              "shared_expert_gate": any(k.endswith(".shared.gate_weight") for k in canonical),
              "logit_bias": any(k.endswith(".gate.bias") for k in canonical)}
-    arch = choose_target(shape, routing, extra, remote_code)
+    arch = _choose_or_drop_bias(canonical, shape, routing, extra, cfg, allow_drop, remote_code,
+                                dropped)
     tensors = Tensors(canonical, f"checkpoint {checkpoint.path}")
     hf = arch.export(tensors, shape, routing, extra)
     if tensors.unused():
@@ -226,10 +253,11 @@ def to_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, allow_drop: boo
     ``run_or_checkpoint``: a run dir (its ``latest`` checkpoint), checkpoints dir or
     ``iter_XXXXXXX`` dir, at any parallel layout. ``tokenizer``: overrides the run's.
     ``check``: load the written model with transformers and require every tensor filled
-    (needs the model's size in memory once more). ``remote_code``: when no standard
-    architecture holds the model (a router logit bias: hyper, steered domain_steer),
-    write megasmoe's own, with its modeling file (readers need trust_remote_code). The
-    directory must be empty or absent.
+    (needs the model's size in memory once more). ``remote_code``: write megasmoe's own
+    architecture with its modeling file (readers need trust_remote_code) for a router
+    logit bias (hyper, steered domain_steer; exact in every dtype, where GPT-OSS rescales
+    weights) or when no standard architecture holds the model. The directory must be
+    empty or absent.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):

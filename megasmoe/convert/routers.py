@@ -12,9 +12,10 @@ A router without an exporter is refused with "router X cannot be exported to a s
 architecture; ...". An exporter must account for every tensor of its router: each one
 is used (``used``), or named with the reason it has no role at inference (``ignored``,
 e.g. a training schedule position); anything else is an error unless the export allows
-dropping tensors. A logit bias (``bias``) is exact only when it is constant over the
-experts (softmax is shift-invariant), since no standard architecture adds a bias to the
-router logits; otherwise it is refused, or dropped with ``allow_drop`` (listed).
+dropping tensors. A logit bias (``bias``) constant over the experts is dropped (softmax
+is shift-invariant); any other needs an architecture with a router logit bias (GPT-OSS,
+or megasmoe's own with ``--remote-code``), else it is refused, or dropped with
+``allow_drop`` (listed).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from megasmoe.convert.errors import ConversionError
 
 __all__ = ["Routing", "GateExport", "RouterContext", "register_exporter", "exporters",
-           "export_gate", "router_options"]
+           "export_gate", "refuse_logit_bias", "router_options"]
 
 
 @dataclass(frozen=True)
@@ -137,13 +138,13 @@ def _refuse(name: str, why: str) -> ConversionError:
 
 
 def export_gate(ctx: RouterContext, allow_drop: bool = False,
-                dropped: list | None = None, keep_bias: bool = False) -> GateExport:
+                dropped: list | None = None) -> GateExport:
     """Run the router's exporter on one layer and settle its logit bias.
 
     A bias constant over the experts is dropped (exact for softmax scores); any other
-    bias is kept with ``keep_bias`` (for megasmoe's remote-code architecture), else
-    refused unless ``allow_drop`` (then it is listed in ``dropped``). Tensors the
-    exporter neither used nor ignored are refused the same way.
+    bias stays on the gate, for an architecture that holds one (GPT-OSS, megasmoe's own;
+    export.py refuses or drops it otherwise). Tensors the exporter neither used nor
+    ignored are refused unless ``allow_drop`` (then they are listed in ``dropped``).
     """
     fn = _EXPORTERS.get(ctx.name)
     if fn is None:
@@ -157,26 +158,27 @@ def export_gate(ctx: RouterContext, allow_drop: bool = False,
                                   f"written; pass --allow-drop to export without it")
         if dropped is not None:
             dropped.append(f"layer {ctx.layer}: {what}")
-    if gate.bias is not None:
+    if gate.bias is not None and gate.routing.score_function == "softmax":
         b = gate.bias.double()
-        constant = bool((b.max() - b.min()).abs() == 0)
-        if constant and gate.routing.score_function == "softmax":
+        if bool((b.max() - b.min()).abs() == 0):
             gate.bias = None  # softmax(l + c) = softmax(l): the same choice and weights
-        elif keep_bias:
-            pass
-        elif not allow_drop:
-            raise _refuse(ctx.name, (
-                f"layer {ctx.layer} adds a per-expert bias to the router logits (range "
-                f"{b.min().item():.4g}..{b.max().item():.4g}) and no standard architecture "
-                f"(Mixtral, Qwen2-MoE, GLM4-MoE, OLMoE, Qwen3-MoE) has a router logit bias; "
-                f"pass --remote-code to export megasmoe's own architecture (loads with "
-                f"trust_remote_code), or --allow-drop to export the gate without it (the "
-                f"routing then differs)"))
-        else:
-            if dropped is not None:
-                dropped.append(f"layer {ctx.layer}: router logit bias of {ctx.name}")
-            gate.bias = None
     return gate
+
+
+def refuse_logit_bias(name: str, layer: int, bias: torch.Tensor, why_not: str) -> ConversionError:
+    """The error for a per-expert logit bias no architecture on offer can hold.
+
+    ``why_not``: why the standard architecture with a router bias (GPT-OSS) cannot hold
+    the rest of the model.
+    """
+    b = bias.double()
+    return _refuse(name, (
+        f"layer {layer} adds a per-expert bias to the router logits (range "
+        f"{b.min().item():.4g}..{b.max().item():.4g}); GPT-OSS is the only standard "
+        f"architecture with a router logit bias and cannot hold this model ({why_not}); "
+        f"pass --remote-code to export megasmoe's own architecture (loads with "
+        f"trust_remote_code), or --allow-drop to export the gate without it (the routing "
+        f"then differs)"))
 
 
 # ----------------------------------------------------------------------------- exporters
@@ -217,7 +219,7 @@ def _sigmoid_bias(ctx: RouterContext) -> GateExport:
 
 @register_exporter("domain_steer")
 def _domain_steer(ctx: RouterContext) -> GateExport:
-    """W plus the fixed steering bias on the logits (kept only if constant over experts)."""
+    """W plus the fixed steering bias on the logits (a constant one folds away)."""
     routing = _topk_routing(ctx, "softmax", False, None)
     return GateExport(ctx.tensor("weight"), routing, bias=ctx.tensor("steering_bias"),
                       used={"weight", "steering_bias"})

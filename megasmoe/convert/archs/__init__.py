@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from megasmoe.convert.archs.base import Arch, ImportedModel, Tensors
 from megasmoe.convert.archs.glm4_moe import Glm4Moe
+from megasmoe.convert.archs.gpt_oss import GptOss
 from megasmoe.convert.archs.mixtral import Mixtral
 from megasmoe.convert.archs.olmoe import Olmoe
 from megasmoe.convert.archs.qwen2_moe import Qwen2Moe
@@ -14,8 +15,10 @@ from megasmoe.convert.errors import ConversionError
 __all__ = ["Arch", "ImportedModel", "Tensors", "EXPORT_TARGETS", "REMOTE_TARGET", "MODELING_FILE",
            "arch_for_model_type"]
 
-EXPORT_TARGETS: tuple[Arch, ...] = (Mixtral(), Qwen2Moe(), Glm4Moe(), Olmoe(), Qwen3Moe())
-"""Tried in order: the first that holds the model exactly is written."""
+EXPORT_TARGETS: tuple[Arch, ...] = (Mixtral(), Qwen2Moe(), Glm4Moe(), Olmoe(), Qwen3Moe(),
+                                    GptOss())
+"""Tried in order: the first that holds the model exactly is written. GPT-OSS comes last:
+it is the only one with a router logit bias, and its rescaled experts cost a rounding."""
 
 REMOTE_TARGET = MegasmoeRemote()
 """Tried last, only with ``remote_code``: needs trust_remote_code to load."""

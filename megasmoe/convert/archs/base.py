@@ -91,7 +91,7 @@ class ImportedModel:
 
 
 class Arch:
-    """A target architecture (subclasses: mixtral, qwen2_moe, glm4_moe).
+    """A target architecture (subclasses in archs/: Mixtral, Qwen2-MoE, GLM4-MoE, ...).
 
     Export: ``unsupported`` says why a megasmoe model cannot be written exactly (None if
     it can), ``hf_config`` gives config.json, ``export`` maps canonical tensors to HF
@@ -105,6 +105,8 @@ class Arch:
     config_class = ""
     remote_code = False
     """True when readers need ``trust_remote_code`` (megasmoe's own architecture)."""
+    router_bias = False
+    """True when the gate adds a per-expert bias to the router logits (GPT-OSS, megasmoe's)."""
 
     def config_cls(self):
         """The transformers config class of this architecture."""
@@ -129,6 +131,21 @@ class Arch:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ shared pieces
+
+    @staticmethod
+    def llama_config(shape: ModelShape, intermediate_size: int) -> dict:
+        """The Llama-style config fields every target names alike (plain RoPE, SwiGLU,
+        no dropout); ``intermediate_size``: what the target calls that (dense or expert
+        MLP width)."""
+        return dict(
+            vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
+            intermediate_size=intermediate_size, num_hidden_layers=shape.num_layers,
+            num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_query_groups,
+            head_dim=shape.head_dim, hidden_act="silu",
+            max_position_embeddings=shape.seq_length, rms_norm_eps=shape.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": float(shape.rope_base)},
+            tie_word_embeddings=shape.tied, attention_dropout=0.0,
+        )
 
     @staticmethod
     def export_common(canon: Tensors, shape: ModelShape, out: dict) -> None:
@@ -194,11 +211,11 @@ class Arch:
 
 def plain_moe_unsupported(arch: str, shape: ModelShape, routing: Routing,
                           accepted_qk_norm: tuple = ("none",),
-                          dense_layers: bool = False) -> Optional[str]:
-    """Why a Mixtral-like target (softmax gate, no shared expert, no expert bias, no
-    q/k/v bias, the q/k norm modes it has, every layer MoE unless ``dense_layers``)
-    cannot hold the model; None when it can."""
-    if shape.qkv_bias:
+                          dense_layers: bool = False, qkv_bias: bool = False) -> Optional[str]:
+    """Why a Mixtral-like target (softmax gate, no shared expert, no expert bias, q/k/v
+    biases only with ``qkv_bias``, the q/k norm modes it has, every layer MoE unless
+    ``dense_layers``) cannot hold the model; None when it can."""
+    if shape.qkv_bias and not qkv_bias:
         return f"model.qkv_bias=true ({arch} has no q/k/v biases)"
     if shape.rotary_percent != 1.0:
         return f"model.rotary_percent={shape.rotary_percent} ({arch} rotates whole heads)"

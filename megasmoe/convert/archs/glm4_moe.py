@@ -67,21 +67,17 @@ class Glm4Moe(Arch):
         return None
 
     def hf_config(self, shape: ModelShape, routing: Routing, extra: dict) -> dict:
+        config = self.llama_config(shape, shape.ffn_hidden_size)
+        config["rope_parameters"]["partial_rotary_factor"] = shape.rotary_percent
         return dict(
-            vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
-            intermediate_size=shape.ffn_hidden_size, num_hidden_layers=shape.num_layers,
-            num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_query_groups,
-            head_dim=shape.head_dim, hidden_act="silu",
-            max_position_embeddings=shape.seq_length, rms_norm_eps=shape.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": float(shape.rope_base),
-                             "partial_rotary_factor": shape.rotary_percent},
+            **config,
             attention_bias=shape.qkv_bias, use_qk_norm=shape.qk_norm == "head",
             moe_intermediate_size=shape.moe_ffn_hidden_size,
             n_shared_experts=shape.shared_expert_size // shape.moe_ffn_hidden_size,
             n_routed_experts=shape.num_experts, num_experts_per_tok=routing.topk,
             routed_scaling_factor=routing.scaling or 1.0, n_group=1, topk_group=1,
             first_k_dense_replace=self._dense_prefix(shape), norm_topk_prob=routing.normalize,
-            num_mtp_layers=0, tie_word_embeddings=shape.tied, attention_dropout=0.0,
+            num_mtp_layers=0,
         )
 
     def export(self, canon: Tensors, shape: ModelShape, routing: Routing, extra: dict) -> dict:

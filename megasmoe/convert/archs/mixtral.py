@@ -37,16 +37,10 @@ class Mixtral(Arch):
 
     def hf_config(self, shape: ModelShape, routing: Routing, extra: dict) -> dict:
         return dict(
-            vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
-            intermediate_size=shape.moe_ffn_hidden_size, num_hidden_layers=shape.num_layers,
-            num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_query_groups,
-            head_dim=shape.head_dim, hidden_act="silu",
-            max_position_embeddings=shape.seq_length, rms_norm_eps=shape.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": float(shape.rope_base)},
+            **self.llama_config(shape, shape.moe_ffn_hidden_size),
             sliding_window=None, num_experts_per_tok=routing.topk,
             num_local_experts=shape.num_experts, router_jitter_noise=0.0,
             router_aux_loss_coef=extra.get("aux_loss_coeff", 0.0),
-            tie_word_embeddings=shape.tied, attention_dropout=0.0,
         )
 
     def export(self, canon: Tensors, shape: ModelShape, routing: Routing, extra: dict) -> dict:

@@ -42,16 +42,12 @@ class Olmoe(Arch):
         return plain_moe_unsupported("OLMoE", shape, routing, accepted_qk_norm=("full",))
 
     def hf_config(self, shape: ModelShape, routing: Routing, extra: dict) -> dict:
+        config = self.llama_config(shape, shape.moe_ffn_hidden_size)
+        del config["head_dim"]  # OLMoE has none: hidden_size / num_heads (checked above)
         return dict(
-            vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
-            intermediate_size=shape.moe_ffn_hidden_size, num_hidden_layers=shape.num_layers,
-            num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_query_groups,
-            hidden_act="silu", max_position_embeddings=shape.seq_length,
-            rms_norm_eps=shape.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": float(shape.rope_base)},
-            attention_bias=False, attention_dropout=0.0, clip_qkv=None,
+            **config, attention_bias=False, clip_qkv=None,
             num_experts_per_tok=routing.topk, num_experts=shape.num_experts,
-            norm_topk_prob=routing.normalize, tie_word_embeddings=shape.tied,
+            norm_topk_prob=routing.normalize,
             router_aux_loss_coef=extra.get("aux_loss_coeff", 0.0),
         )
 

@@ -40,18 +40,12 @@ class Qwen3Moe(Arch):
 
     def hf_config(self, shape: ModelShape, routing: Routing, extra: dict) -> dict:
         return dict(
-            vocab_size=shape.vocab_size, hidden_size=shape.hidden_size,
-            intermediate_size=shape.ffn_hidden_size, num_hidden_layers=shape.num_layers,
-            num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_query_groups,
-            head_dim=shape.head_dim, hidden_act="silu", max_position_embeddings=shape.seq_length,
-            rms_norm_eps=shape.norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": float(shape.rope_base)},
+            **self.llama_config(shape, shape.ffn_hidden_size),
             attention_bias=False, use_sliding_window=False, sliding_window=None,
             decoder_sparse_step=1, moe_intermediate_size=shape.moe_ffn_hidden_size,
             num_experts_per_tok=routing.topk, num_experts=shape.num_experts,
             norm_topk_prob=routing.normalize,
             mlp_only_layers=[i for i, moe in enumerate(shape.moe_layers) if not moe],
-            tie_word_embeddings=shape.tied, attention_dropout=0.0,
             router_aux_loss_coef=extra.get("aux_loss_coeff", 0.0),
         )
 

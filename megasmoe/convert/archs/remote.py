@@ -34,6 +34,7 @@ class MegasmoeRemote(Arch):
     architecture = "MegasmoeMoeForCausalLM"
     config_class = "MegasmoeMoeConfig"
     remote_code = True
+    router_bias = True
 
     def config_cls(self):
         from megasmoe.convert.modeling_megasmoe import MegasmoeMoeConfig
