@@ -598,9 +598,9 @@ REFUSED = {
     # A router logit bias with what GPT-OSS lacks: megasmoe's own architecture only.
     "hyper_shared_expert": (["moe.router.name=hyper", "moe.shared_expert_size=48"],
                             r"^router hyper cannot be exported to a standard architecture; "
-                            r"layer 0 adds a per-expert bias to the router logits .*; GPT-OSS "
-                            r"is the only .* cannot hold this model \(moe\.shared_expert_size"
-                            r"=48 .*\); pass --remote-code"),
+                            r"layer 0 adds a per-expert bias to the router logits .*; GPT-OSS, "
+                            r"the standard target with a router logit bias, cannot hold this "
+                            r"model \(moe\.shared_expert_size=48 .*\); pass --remote-code"),
     "domain_steer_qk_norm": (["moe.router.name=domain_steer", "moe.router.file={steering}",
                               "model.qk_norm=head"],
                              r"^router domain_steer cannot be exported to a standard "
@@ -624,7 +624,7 @@ def test_unsupported_router_or_config_is_refused(tmp_path, steering_file, case):
 
 REMOTE = {
     # A router logit bias with --remote-code: megasmoe's own architecture before GPT-OSS
-    # (exact in every dtype, where GPT-OSS rescales expert weights).
+    # (exact in every dtype, where GPT-OSS adds 1 to its up projection).
     "hyper": ["moe.router.name=hyper"],
     "domain_steer": ["moe.router.name=domain_steer", "moe.router.file={steering}"],
     "hyper_qk_norm_head": ["moe.router.name=hyper", "model.qk_norm=head"],
@@ -699,12 +699,31 @@ def test_gpt_oss_folds_a_routing_scaling_factor_into_down_projections():
     assert torch.equal(scaled["e.gate_up_proj"], plain["e.gate_up_proj"])
 
 
-def test_remote_code_is_a_last_resort(tmp_path):
-    """A model a standard architecture holds is written as that one even with --remote-code."""
+def test_remote_code_is_a_last_resort_without_a_logit_bias(tmp_path):
+    """A model without a router logit bias that a standard architecture holds is written
+    as that one even with --remote-code."""
     run = make_checkpoint(tmp_path / "run", [])
     report = to_hf(run, tmp_path / "hf", remote_code=True)
     assert report.architecture == "MixtralForCausalLM"
     assert not (tmp_path / "hf" / "modeling_megasmoe.py").exists()
+
+
+def test_allow_drop_keeps_a_bias_gpt_oss_holds(tmp_path):
+    run = make_checkpoint(tmp_path / "run", ["moe.router.name=hyper"])
+    report = to_hf(run, tmp_path / "hf", allow_drop=True)
+    assert report.architecture == "GptOssForCausalLM" and not report.dropped
+
+
+def test_a_bias_that_is_not_the_only_obstacle_is_not_blamed_or_dropped(tmp_path):
+    """Without its bias no standard target holds this model either: the error lists
+    every target's reason, and --allow-drop drops nothing."""
+    run = make_checkpoint(tmp_path / "run", ["moe.router.name=hyper", "model.qk_norm=full",
+                                             "moe.shared_expert_size=48"])
+    for allow_drop in (False, True):
+        with pytest.raises(ConversionError, match=r"^no standard architecture holds this model "
+                                                  r"exactly \(mixtral: .*; olmoe: moe\."
+                                                  r"shared_expert_size=48"):
+            to_hf(run, tmp_path / "hf", allow_drop=allow_drop)
 
 
 def test_allow_drop_exports_without_the_bias_and_says_so(tmp_path):

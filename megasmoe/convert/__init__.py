@@ -6,7 +6,9 @@
 
 Export targets (first that holds the model exactly): Mixtral (softmax over the top-k
 logits, all layers MoE, no shared expert), Qwen2-MoE (either softmax rule, shared
-expert, dense layers), GLM4-MoE (sigmoid routing, expert selection bias). Routers plug
+expert, dense layers, q/k/v biases), GLM4-MoE (sigmoid routing, expert selection bias,
+partial RoPE), OLMoE (full-width q/k norms), Qwen3-MoE (per-head q/k norms), GPT-OSS
+(a router logit bias); with ``--remote-code`` megasmoe's own (archs/remote.py). Routers plug
 in through ``megasmoe.convert.routers.register_exporter``. CLI: ``add_subcommand``
 registers ``convert to-hf|from-hf|verify`` on an argparse subparsers object; also
 ``python -m megasmoe.convert ...``. docs/conversion.md has the details.

@@ -117,7 +117,7 @@ def choose_target(shape: ModelShape, routing: Routing, extra: dict,
     """The first architecture that holds the model exactly; ConversionError naming why
     each one cannot. megasmoe's own (remote-code) architecture is tried only with
     ``remote_code``: first for a router logit bias (exact in every dtype, where GPT-OSS
-    rescales weights), last otherwise."""
+    adds 1 to its up projection), last otherwise."""
     targets = EXPORT_TARGETS
     if remote_code:
         targets = ((REMOTE_TARGET, *targets) if extra.get("logit_bias")
@@ -137,24 +137,28 @@ def choose_target(shape: ModelShape, routing: Routing, extra: dict,
 def _choose_or_drop_bias(canonical: dict, shape: ModelShape, routing: Routing, extra: dict,
                          cfg: dict, allow_drop: bool, remote_code: bool, dropped: list) -> Arch:
     """``choose_target``; when only the router logit bias stands in the way, refuse it
-    naming the router and the way out, or with ``allow_drop`` drop it (listed) and
-    choose again."""
+    naming the router and the ways out, or with ``allow_drop`` drop it (listed) and
+    write the model without it."""
     try:
         return choose_target(shape, routing, extra, remote_code)
     except ConversionError:
         if not extra["logit_bias"]:
             raise
+    # Raises the per-target reasons when the bias is not the only obstacle.
+    arch = choose_target(shape, routing, {**extra, "logit_bias": False}, remote_code)
     name = cfg["moe"]["router"]["name"]
     biased = sorted(int(k.split(".")[1]) for k in canonical if k.endswith(".gate.bias"))
     if not allow_drop:
-        holder = next(a for a in EXPORT_TARGETS if a.router_bias)
-        raise refuse_logit_bias(name, biased[0], canonical[f"layers.{biased[0]}.gate.bias"],
-                                holder.unsupported(shape, routing, extra))
+        gpt_oss = next(a for a in EXPORT_TARGETS if a.router_bias)
+        raise refuse_logit_bias(
+            name, biased[0], canonical[f"layers.{biased[0]}.gate.bias"],
+            gpt_oss.unsupported(shape, routing, extra),
+            REMOTE_TARGET.unsupported(shape, routing, extra) if remote_code else None)
     for i in biased:
         del canonical[f"layers.{i}.gate.bias"]
         dropped.append(f"layer {i}: router logit bias of {name}")
     extra["logit_bias"] = False
-    return choose_target(shape, routing, extra, remote_code)
+    return arch
 
 
 @dataclass
@@ -255,8 +259,8 @@ def to_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, allow_drop: boo
     ``check``: load the written model with transformers and require every tensor filled
     (needs the model's size in memory once more). ``remote_code``: write megasmoe's own
     architecture with its modeling file (readers need trust_remote_code) for a router
-    logit bias (hyper, steered domain_steer; exact in every dtype, where GPT-OSS rescales
-    weights) or when no standard architecture holds the model. The directory must be
+    logit bias (hyper, steered domain_steer; exact in every dtype, where GPT-OSS adds 1
+    to its up projection) or when no standard architecture holds the model. The directory must be
     empty or absent.
     """
     out_dir = Path(out_dir)

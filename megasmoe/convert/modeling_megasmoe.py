@@ -1,5 +1,5 @@
-"""A megasmoe MoE decoder as a Hugging Face model, for routers no standard
-architecture holds (exported with ``--remote-code``; load with ``trust_remote_code=True``).
+"""A megasmoe MoE decoder as a Hugging Face model, for what no standard architecture
+holds exactly (exported with ``--remote-code``; load with ``trust_remote_code=True``).
 
 Self-contained: imports only torch and transformers, because ``megasmoe convert to-hf
 --remote-code`` copies this file into the export directory. It is the same network as
@@ -8,7 +8,7 @@ grouped-query attention (optionally a head width of its own, q/k/v biases, and q
 norms per head as in Qwen3-MoE or full-width as in OLMoE), SwiGLU experts,
 an optional (sigmoid-gated) shared expert, optional dense layers, and a softmax router whose
 linear gate may carry a per-expert logit **bias** (HyperRouter's generated b, DSMoE's
-steering bias), which is what the standard targets lack:
+steering bias), which of the standard targets only GPT-OSS has (with other parts):
 
     logits = x W^T + b;  p = softmax(logits);  top-k of p;  renormalise if norm_topk_prob;
     times routed_scaling_factor.

@@ -165,20 +165,25 @@ def export_gate(ctx: RouterContext, allow_drop: bool = False,
     return gate
 
 
-def refuse_logit_bias(name: str, layer: int, bias: torch.Tensor, why_not: str) -> ConversionError:
+def refuse_logit_bias(name: str, layer: int, bias: torch.Tensor, why_not: str,
+                      why_not_remote: Optional[str] = None) -> ConversionError:
     """The error for a per-expert logit bias no architecture on offer can hold.
 
-    ``why_not``: why the standard architecture with a router bias (GPT-OSS) cannot hold
-    the rest of the model.
+    ``why_not``: why GPT-OSS (the standard target with a router bias) cannot hold the
+    rest of the model; ``why_not_remote``: why megasmoe's own cannot either (when
+    ``--remote-code`` was given; None otherwise).
     """
     b = bias.double()
+    if why_not_remote is None:
+        way_out = ("pass --remote-code to export megasmoe's own architecture (loads with "
+                   "trust_remote_code), or --allow-drop")
+    else:
+        way_out = f"nor can megasmoe's own ({why_not_remote}); pass --allow-drop"
     return _refuse(name, (
         f"layer {layer} adds a per-expert bias to the router logits (range "
-        f"{b.min().item():.4g}..{b.max().item():.4g}); GPT-OSS is the only standard "
-        f"architecture with a router logit bias and cannot hold this model ({why_not}); "
-        f"pass --remote-code to export megasmoe's own architecture (loads with "
-        f"trust_remote_code), or --allow-drop to export the gate without it (the routing "
-        f"then differs)"))
+        f"{b.min().item():.4g}..{b.max().item():.4g}); GPT-OSS, the standard target with a "
+        f"router logit bias, cannot hold this model ({why_not}); {way_out} to export the "
+        f"gate without it (the routing then differs)"))
 
 
 # ----------------------------------------------------------------------------- exporters

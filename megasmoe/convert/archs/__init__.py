@@ -18,10 +18,11 @@ __all__ = ["Arch", "ImportedModel", "Tensors", "EXPORT_TARGETS", "REMOTE_TARGET"
 EXPORT_TARGETS: tuple[Arch, ...] = (Mixtral(), Qwen2Moe(), Glm4Moe(), Olmoe(), Qwen3Moe(),
                                     GptOss())
 """Tried in order: the first that holds the model exactly is written. GPT-OSS comes last:
-it is the only one with a router logit bias, and its rescaled experts cost a rounding."""
+it is the one with a router logit bias, and its up projection costs a rounding (+1)."""
 
 REMOTE_TARGET = MegasmoeRemote()
-"""Tried last, only with ``remote_code``: needs trust_remote_code to load."""
+"""Tried only with ``remote_code`` (needs trust_remote_code to load): first for a router
+logit bias, last otherwise."""
 
 _ALL = {a.model_type: a for a in EXPORT_TARGETS}
 
@@ -29,6 +30,7 @@ _ALL = {a.model_type: a for a in EXPORT_TARGETS}
 def arch_for_model_type(model_type: str) -> Arch:
     """The architecture of an HF config's model_type; ConversionError if unsupported."""
     if model_type not in _ALL:
+        importable = sorted(t for t, a in _ALL.items() if a.importable)
         raise ConversionError(f"model_type={model_type!r} is not supported for import "
-                              f"(supported: {', '.join(sorted(_ALL))})")
+                              f"(supported: {', '.join(importable)})")
     return _ALL[model_type]

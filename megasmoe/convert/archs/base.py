@@ -23,7 +23,7 @@ __all__ = ["Arch", "Tensors", "ImportedModel", "LAYER_COMMON", "GLOBAL_COMMON", 
            "export_qk_norms", "import_qk_norms",
            "import_qkv_biases", "export_qkv_biases"]
 
-# (canonical, HF) names shared by Mixtral, Qwen2-MoE and GLM4-MoE (Llama layout).
+# (canonical, HF) names shared by every target (Llama layout).
 GLOBAL_COMMON = (("embed", "model.embed_tokens.weight"), ("final_norm", "model.norm.weight"))
 LAYER_COMMON = (
     ("input_norm", "input_layernorm.weight"),
@@ -107,6 +107,8 @@ class Arch:
     """True when readers need ``trust_remote_code`` (megasmoe's own architecture)."""
     router_bias = False
     """True when the gate adds a per-expert bias to the router logits (GPT-OSS, megasmoe's)."""
+    importable = True
+    """False for export-only targets (their ``import_checkpoint`` says why)."""
 
     def config_cls(self):
         """The transformers config class of this architecture."""

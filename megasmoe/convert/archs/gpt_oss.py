@@ -51,17 +51,19 @@ class GptOss(Arch):
     architecture = "GptOssForCausalLM"
     config_class = "GptOssConfig"
     router_bias = True
+    importable = False
 
     def unsupported(self, shape: ModelShape, routing: Routing, extra: dict) -> Optional[str]:
         if routing.score_function == "softmax" and not routing.normalize:
             return ("moe.router.pre_softmax=true (GPT-OSS takes the softmax over the top-k "
                     "logits)")
-        if not _honours_swiglu_fields():
+        why = plain_moe_unsupported("GPT-OSS", shape, routing, qkv_bias=True)
+        if why is None and not _honours_swiglu_fields():
             import transformers
 
-            return (f"transformers {transformers.__version__} hard-codes GPT-OSS's SwiGLU "
-                    f"(no swiglu_alpha): upgrade transformers")
-        return plain_moe_unsupported("GPT-OSS", shape, routing, qkv_bias=True)
+            why = (f"transformers {transformers.__version__} hard-codes GPT-OSS's SwiGLU "
+                   f"(no swiglu_alpha): upgrade transformers")
+        return why
 
     def hf_config(self, shape: ModelShape, routing: Routing, extra: dict) -> dict:
         return dict(
@@ -101,8 +103,10 @@ class GptOss(Arch):
 
 def _honours_swiglu_fields() -> bool:
     """The installed transformers reads GPT-OSS's swiglu_alpha (and swiglu_limit)."""
-    from transformers import GptOssConfig
-
+    try:
+        from transformers import GptOssConfig
+    except ImportError:  # a transformers older than GPT-OSS
+        return False
     config = GptOssConfig()
     return hasattr(config, "swiglu_alpha") and hasattr(config, "swiglu_limit")
 

@@ -1,10 +1,11 @@
 """megasmoe's own Hugging Face architecture (``MegasmoeMoeForCausalLM``, remote code).
 
-The target of last resort, used only with ``--remote-code``: it holds what no standard
-architecture does, a per-expert bias on the router logits (HyperRouter's generated b,
-DSMoE's steering bias), together with everything the standard targets hold (softmax
-top-k either way, scaling, a gated or ungated shared expert, dense layers, GQA, a head
-width of its own, q/k/v biases, per-head or full-width q/k norms).
+Used only with ``--remote-code``: first for a per-expert bias on the router logits
+(HyperRouter's generated b, DSMoE's steering bias; exact in every dtype, where GPT-OSS
+adds 1 to its up projection), last otherwise. It holds that bias together with
+everything the standard targets hold (softmax top-k either way, scaling, a gated or
+ungated shared expert, dense layers, GQA, a head width of its own, q/k/v biases,
+per-head or full-width q/k norms), so also combinations none of them holds.
 Its modeling file, ``megasmoe/convert/modeling_megasmoe.py``, is copied into the export
 and named in config.json's ``auto_map``; readers load it with ``trust_remote_code=True``.
 Never an import source.
