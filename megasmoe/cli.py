@@ -186,6 +186,20 @@ def _split_config_arg(args) -> None:
         args.config = None
 
 
+def _reports_shared_errors() -> bool:
+    """Whether this process prints an error every rank hits alike.
+
+    A config error raised before any process group comes from validating the same config
+    with the same code in every rank, so rank 0 of a launch (or a process started without
+    a launcher) says it once; the other ranks exit with the same code silently. Once
+    process groups exist an error may be one rank's own, and every rank reports it.
+    """
+    import torch.distributed as dist
+
+    return (os.environ.get("RANK", "0") == "0"
+            or (dist.is_available() and dist.is_initialized()))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``megasmoe`` console script."""
     _quiet_megatron()
@@ -198,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ConfigError as e:
-        print(f"megasmoe: config error: {e}", file=sys.stderr)
+        if _reports_shared_errors():
+            print(f"megasmoe: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except CheckpointError as e:
         print(f"megasmoe: checkpoint error: {e}", file=sys.stderr)

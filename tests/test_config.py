@@ -755,3 +755,17 @@ def test_cli_console_script_one_line_error():
     assert proc.stderr.strip().splitlines() == [
         "megasmoe: config error: unknown config key 'train.stpes'; did you mean 'train.steps'?"
     ]
+
+
+def test_config_error_under_torchrun_is_printed_once(tmp_path):
+    """torchrun started directly (not through launch/pretrain.sh): every rank validates
+    the same config and fails alike; the one-line error is printed once, by rank 0."""
+    from conftest import run_megasmoe
+
+    proc = run_megasmoe(["pretrain", str(TINY), "train.stpes=3", f"run.dir={tmp_path / 'run'}"],
+                        nproc=2, check=False)
+    lines = [ln for ln in proc.stderr.splitlines() if "megasmoe: config error: " in ln]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("megasmoe: config error: ")
+    assert "did you mean 'train.steps'" in lines[0]
+    assert proc.returncode != 0
