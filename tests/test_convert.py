@@ -119,6 +119,22 @@ def assert_gpt_oss_experts_are_the_checkpoints(run: Path, hf_dir: Path) -> None:
     assert not hf[f"{p}.down_proj_bias"].any()
 
 
+def assert_greedy_generate_matches_logits(hf_dir: Path, token_ids: torch.Tensor,
+                                          remote_code: bool = False) -> None:
+    """``generate`` (greedy, 5 tokens) picks what the full-sequence logits pick."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=remote_code)
+    ids = token_ids[:, :8]
+    want = ids
+    with torch.no_grad():
+        for _ in range(5):
+            next_id = model(want).logits[:, -1].argmax(-1, keepdim=True)
+            want = torch.cat([want, next_id], dim=1)
+        got = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+
+
 def assert_bitwise_equal(a: dict, b: dict) -> None:
     """Same names, dtypes, shapes and bits."""
     assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())[:10]
@@ -584,6 +600,8 @@ def test_router_exports_with_logit_parity(tmp_path, steering_file, case):
         assert_gpt_oss_experts_are_the_checkpoints(run, tmp_path / "hf")
         with pytest.raises(ConversionError, match=r"^model_type='gpt_oss' is an export target"):
             from_hf(tmp_path / "hf", tmp_path / "back")
+        if case == "hyper":  # generate (KV cache, sinks, masks) is greedy by its own logits
+            assert_greedy_generate_matches_logits(tmp_path / "hf", eval_token_ids(vocab))
     assert_parity(verify(run, tmp_path / "hf", eval_token_ids(vocab)),
                   padded=case == "dense_shared_padded")
 
@@ -662,15 +680,7 @@ def test_router_logit_bias_exports_with_remote_code(tmp_path, steering_file, cas
     with pytest.raises(Exception, match="trust_remote_code"):
         AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=False)
     if case == "hyper":  # generate (no KV cache) is greedy decoding by its own logits
-        model = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True)
-        ids = eval_token_ids(vocab)[:, :8]
-        want = ids
-        with torch.no_grad():
-            for _ in range(5):
-                next_id = model(want).logits[:, -1].argmax(-1, keepdim=True)
-                want = torch.cat([want, next_id], dim=1)
-            got = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-        assert torch.equal(got, want)
+        assert_greedy_generate_matches_logits(out, eval_token_ids(vocab), remote_code=True)
 
 
 def test_gpt_oss_needs_a_transformers_that_reads_its_swiglu_fields(tmp_path, monkeypatch):
