@@ -597,6 +597,7 @@ def test_router_exports_with_logit_parity(tmp_path, steering_file, case):
     if architecture == "GptOssForCausalLM":
         assert_router_bias(tmp_path / "hf", "model.layers.{}.mlp.router.bias", 2)
         assert "auto_map" not in config and not list((tmp_path / "hf").glob("*.py"))
+        assert "readers: GPT-OSS with its extras made inert" in report.summary()
         assert_gpt_oss_experts_are_the_checkpoints(run, tmp_path / "hf")
         with pytest.raises(ConversionError, match=r"^model_type='gpt_oss' is an export target"):
             from_hf(tmp_path / "hf", tmp_path / "back")
@@ -666,6 +667,8 @@ def test_router_logit_bias_exports_with_remote_code(tmp_path, steering_file, cas
     out = tmp_path / "hf"
     report = to_hf(run, out, remote_code=True)
     assert report.architecture == "MegasmoeMoeForCausalLM" and not report.dropped
+    assert "readers: megasmoe's own architecture: load with trust_remote_code=True" in \
+        report.summary()
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "megasmoe_moe" and config["router_bias"] is True
     assert config["auto_map"]["AutoModelForCausalLM"] == \

@@ -47,6 +47,8 @@ class ExportReport:
     tokenizer: Optional[Path] = None
     notes: list = field(default_factory=list)
     """Known differences that are not errors (e.g. a tokenizer conversion)."""
+    reader_note: Optional[str] = None
+    """What a reader of the chosen architecture must know (Arch.reader_note)."""
 
     def summary(self) -> str:
         """Human-readable lines for the CLI."""
@@ -62,6 +64,8 @@ class ExportReport:
         if self.dropped:
             lines.append("  DROPPED (--allow-drop): " + "; ".join(self.dropped))
         lines += [f"  note: {n}" for n in self.notes]
+        if self.reader_note:
+            lines.append(f"  readers: {self.reader_note}")
         return "\n".join(lines)
 
 
@@ -295,4 +299,5 @@ def to_hf(run_or_checkpoint: str | Path, out_dir: str | Path, *, allow_drop: boo
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
     return ExportReport(checkpoint.path, out_dir, arch.architecture, routing, files,
-                        state.dropped, tok_source, list(tok.notes) if tok is not None else [])
+                        state.dropped, tok_source, list(tok.notes) if tok is not None else [],
+                        arch.reader_note)

@@ -109,6 +109,8 @@ class Arch:
     """True when the gate adds a per-expert bias to the router logits (GPT-OSS, megasmoe's)."""
     importable = True
     """False for export-only targets (their ``import_checkpoint`` says why)."""
+    reader_note: Optional[str] = None
+    """What a reader of this export must know (printed with the export summary)."""
 
     def config_cls(self):
         """The transformers config class of this architecture."""

@@ -52,6 +52,10 @@ class GptOss(Arch):
     config_class = "GptOssConfig"
     router_bias = True
     importable = False
+    reader_note = ("GPT-OSS with its extras made inert (swiglu_alpha=1, swiglu_limit=1e30, "
+                   "sinks at the dtype's minimum, every layer full attention): a reader must "
+                   "honour swiglu_alpha and swiglu_limit (transformers does); check other "
+                   "runtimes with `megasmoe convert verify`")
 
     def unsupported(self, shape: ModelShape, routing: Routing, extra: dict) -> Optional[str]:
         if routing.score_function == "softmax" and not routing.normalize:

@@ -36,6 +36,8 @@ class MegasmoeRemote(Arch):
     config_class = "MegasmoeMoeConfig"
     remote_code = True
     router_bias = True
+    reader_note = ("megasmoe's own architecture: load with trust_remote_code=True (its "
+                   "modeling file is in the directory); no KV cache in generate")
 
     def config_cls(self):
         from megasmoe.convert.modeling_megasmoe import MegasmoeMoeConfig
