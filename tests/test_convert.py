@@ -838,11 +838,42 @@ def test_cli_handlers(tmp_path, capsys):
     assert args.fn(args) == 0
     out = capsys.readouterr().out
     assert "architecture MixtralForCausalLM" in out and "next-token agreement    1.0000" in out
+    assert "tokens: random token ids (seed 0)" in out
+    assert out.strip().splitlines()[-1].startswith("PASS: max |logit difference|")
+    # Shards readable like any new file (some safetensors versions write 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all((f.stat().st_mode & 0o777) == 0o666 & ~umask
+               for f in (tmp_path / "hf2").glob("*.safetensors"))
     hyper = make_checkpoint(tmp_path / "hyper", ["moe.router.name=hyper"])
     args = parser.parse_args(["convert", "to-hf", str(hyper), str(tmp_path / "hf3"),
                               "--remote-code"])
     assert args.fn(args) == 0
     assert "architecture MegasmoeMoeForCausalLM" in capsys.readouterr().out
+    # A model that is not the checkpoint's: FAIL and exit 1 (usable as a script gate).
+    args = parser.parse_args(["convert", "verify", str(good), str(tmp_path / "hf3")])
+    assert args.fn(args) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
+        "FAIL: max |logit difference|")
+
+
+def test_cli_names_the_install_command_without_the_hf_extra(tmp_path, capsys, monkeypatch):
+    import argparse
+    import importlib.util
+
+    from megasmoe.convert import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
+    parser = argparse.ArgumentParser(prog="megasmoe")
+    add_subcommand(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["convert", "to-hf", str(tmp_path / "run"), str(tmp_path / "hf")])
+    assert args.fn(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("megasmoe: convert error: transformers not installed: conversion needs the "
+                   "'hf' extra; run `bash launch/setup.sh hf` (or pip install 'megasmoe[hf]')")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_module_entry_point_prints_one_line_errors(tmp_path):

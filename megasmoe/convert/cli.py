@@ -3,20 +3,39 @@
     convert to-hf RUN OUT [--allow-drop] [--remote-code] [--tokenizer PATH]
                           [--max-shard-size BYTES] [--no-check]
     convert from-hf HF_DIR OUT_RUN [key=value ...]
-    convert verify RUN HF_DIR [--tokens FILE] [--batch B --length N --seed S]
+    convert verify RUN HF_DIR [--tokens FILE] [--batch B --length N --seed S] [--tol T]
 
-Errors print one line (``megasmoe: convert error: ...``) and exit with code 2.
+Errors print one line (``megasmoe: convert error: ...``) and exit with code 2; ``verify``
+ends with a PASS/FAIL line and exits 1 when the logits differ by more than ``--tol``.
+The converter needs the ``hf`` extra (transformers, safetensors, tokenizers): without it
+every command says so in one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 
 __all__ = ["add_subcommand", "main", "EXIT_ERROR"]
 
 EXIT_ERROR = 2
+EXIT_MISMATCH = 1
+"""``verify``: the logits differ by more than ``--tol``."""
+
+_HF_EXTRA = ("transformers", "safetensors", "tokenizers")
+
+
+def _require_hf_extra() -> None:
+    """ConversionError naming the install command when the ``hf`` extra is missing."""
+    from megasmoe.convert.errors import ConversionError
+
+    missing = [m for m in _HF_EXTRA if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConversionError(f"{', '.join(missing)} not installed: conversion needs the 'hf' "
+                              f"extra; run `bash launch/setup.sh hf` (or pip install "
+                              f"'megasmoe[hf]')")
 
 
 def _run(fn):
@@ -26,6 +45,7 @@ def _run(fn):
         from megasmoe.convert.errors import ConversionError
 
         try:
+            _require_hf_extra()
             return fn(args)
         except (ConversionError, ConfigError, CheckpointError) as e:
             print(f"megasmoe: convert error: {e}", file=sys.stderr)
@@ -62,11 +82,20 @@ def _cmd_verify(args) -> int:
     if args.tokens:
         with open(args.tokens) as f:
             ids = json.load(f)
+        source = f"token ids from {args.tokens}"
     else:
         vocab = read_meta(resolve_checkpoint(args.run))["config"]["model"]["vocab_size"]
         ids = random_token_ids(vocab, args.batch, args.length, args.seed)
-    print(verify(args.run, args.hf_dir, ids).summary())
-    return 0
+        source = (f"random token ids (seed {args.seed}), so the losses are not those of text; "
+                  f"--tokens FILE for real text")
+    report = verify(args.run, args.hf_dir, ids)
+    print(f"tokens: {source}")
+    print(report.summary())
+    if report.max_abs_logit_diff <= args.tol:
+        print(f"PASS: max |logit difference| {report.max_abs_logit_diff:.3e} <= --tol {args.tol:g}")
+        return 0
+    print(f"FAIL: max |logit difference| {report.max_abs_logit_diff:.3e} > --tol {args.tol:g}")
+    return EXIT_MISMATCH
 
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
@@ -108,6 +137,9 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2, help="random sequences (no --tokens)")
     p.add_argument("--length", type=int, default=33, help="tokens per random sequence")
     p.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
+    p.add_argument("--tol", type=float, default=1e-4,
+                   help="largest |logit difference| that passes (exit 1 above it); the "
+                        "default suits fp32 exports")
     p.set_defaults(fn=_cmd_verify)
     return conv
 

@@ -21,6 +21,14 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _readable_like_other_files(path: Path) -> None:
+    """Give ``path`` the mode a newly created file gets (0666 minus the umask): some
+    safetensors versions write 0600, which teammates on a shared cluster cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_safetensors(tensors: dict, out_dir: Path,
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """Write ``tensors`` as ``model-0000i-of-0000n.safetensors`` shards plus the index.
@@ -48,6 +56,7 @@ def write_safetensors(tensors: dict, out_dir: Path,
         # clone: per-expert slices share storage, which safetensors refuses.
         part = {n: tensors[n].detach().to("cpu").contiguous().clone() for n in names}
         save_file(part, str(out_dir / fname), metadata={"format": "pt"})
+        _readable_like_other_files(out_dir / fname)
         weight_map.update({n: fname for n in names})
     index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
              "weight_map": weight_map}
