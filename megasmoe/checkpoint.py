@@ -78,7 +78,15 @@ MODEL_SHAPE_FIELDS = (
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message names it and the fix."""
+    """A checkpoint cannot be used; the message names it and the fix.
+
+    ``same_on_every_rank``: the check read only the checkpoint's metadata and the config,
+    so every rank raises the same error (the CLI prints it once, from rank 0).
+    """
+
+    def __init__(self, message: str, same_on_every_rank: bool = False):
+        super().__init__(message)
+        self.same_on_every_rank = same_on_every_rank
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -481,13 +489,61 @@ def check_compatible(meta: dict, cfg, ckpt_dir: Path) -> None:
         # The plain optimizer stores no fp32 main parameters; the distributed one needs them.
         raise CheckpointError(
             f"{ckpt_dir} was written with train.distributed_optimizer={str(saved_dist).lower()}; "
-            f"resume with the same value (switching optimizer type is not supported)"
-        )
+            f"resume with the same value (switching optimizer type is not supported)",
+            same_on_every_rank=True)
     if diffs:
         raise CheckpointError(
             f"{ckpt_dir} holds a different model shape ({'; '.join(diffs)}); resume with the "
-            f"checkpoint's values or start a new run.dir"
-        )
+            f"checkpoint's values or start a new run.dir", same_on_every_rank=True)
+
+
+def _router_changes(meta: dict, cfg) -> list[str]:
+    """``moe.router.<field> old -> new`` for each router field that differs from the
+    checkpoint's config (the usual cause of a router tensor mismatch)."""
+    from megasmoe.config import to_dict
+
+    def flat(router: dict) -> dict:
+        router = dict(router)
+        router.update(router.pop("options", {}) or {})
+        return router
+
+    saved = flat(meta["config"].get("moe", {}).get("router", {}))
+    now = flat(to_dict(cfg)["moe"]["router"])
+    return [f"moe.router.{k} {saved.get(k)!r} -> {now.get(k)!r}"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
+
+def check_model_tensors(model_states: list, ckpt_dir: Path, meta: dict, cfg) -> None:
+    """Refuse a checkpoint that lacks a tensor the model needs, or holds one at another
+    global shape, naming the tensors and the router fields that changed (megatron's own
+    error is a long traceback per rank). Reads only the checkpoint's metadata."""
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    stored = load_tensors_metadata(str(ckpt_dir))
+    missing, reshaped = [], []
+    for state in model_states:
+        for sh in nested_values(state):
+            if not isinstance(sh, ShardedTensor) or sh.key.endswith("_extra_state"):
+                continue
+            if sh.key not in stored:
+                missing.append(sh.key)
+            elif tuple(stored[sh.key].global_shape) != tuple(sh.global_shape):
+                reshaped.append(f"{sh.key} {list(stored[sh.key].global_shape)} -> "
+                                f"{list(sh.global_shape)}")
+    if not missing and not reshaped:
+        return
+    what = []
+    if missing:
+        what.append("lacks " + ", ".join(sorted(set(missing))[:4])
+                    + (" ..." if len(set(missing)) > 4 else ""))
+    if reshaped:
+        what.append("holds at another shape " + ", ".join(sorted(set(reshaped))[:4]))
+    changes = _router_changes(meta, cfg)
+    why = f" ({'; '.join(changes)})" if changes else ""
+    raise CheckpointError(f"{ckpt_dir} {'; '.join(what)}{why}; resume with the checkpoint's "
+                          f"values or start a new run.dir", same_on_every_rank=True)
 
 
 def load_checkpoint(trainer, ckpt_dir: Path) -> Resumed:
@@ -505,8 +561,10 @@ def load_checkpoint(trainer, ckpt_dir: Path) -> Resumed:
     same_layout = meta["layout"] == layout_of(trainer.cfg)
     _, load_strategy = _strategies(trainer)
     state = build_sharded_state_dict(trainer, is_loading=True, with_rng=same_layout)
-    loaded = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=load_strategy)
     chunks = trainer.unwrapped
+    check_model_tensors([state[_model_key(i, len(chunks))] for i in range(len(chunks))],
+                        ckpt_dir, meta, trainer.cfg)
+    loaded = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=load_strategy)
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)
     with _distributed_optimizer_step_fix():

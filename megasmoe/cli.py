@@ -186,18 +186,25 @@ def _split_config_arg(args) -> None:
         args.config = None
 
 
-def _reports_shared_errors() -> bool:
-    """Whether this process prints an error every rank hits alike.
+def _reports(error: Exception) -> bool:
+    """Whether this process prints ``error``.
 
-    A config error raised before any process group comes from validating the same config
-    with the same code in every rank, so rank 0 of a launch (or a process started without
-    a launcher) says it once; the other ranks exit with the same code silently. Once
-    process groups exist an error may be one rank's own, and every rank reports it.
+    An error every rank hits alike is said once, by rank 0 of a launch (or a process
+    started without a launcher); the other ranks exit with the same code silently. Those
+    are config errors raised before any process group (the same config validated by the
+    same code in every rank) and checkpoint errors marked ``same_on_every_rank`` (read
+    from the checkpoint's metadata). Any other error may be one rank's own: every rank
+    reports it.
     """
     import torch.distributed as dist
 
-    return (os.environ.get("RANK", "0") == "0"
-            or (dist.is_available() and dist.is_initialized()))
+    from megasmoe.checkpoint import CheckpointError
+
+    if isinstance(error, CheckpointError):
+        shared = error.same_on_every_rank
+    else:
+        shared = not (dist.is_available() and dist.is_initialized())
+    return not shared or os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,11 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ConfigError as e:
-        if _reports_shared_errors():
+        if _reports(e):
             print(f"megasmoe: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except CheckpointError as e:
-        print(f"megasmoe: checkpoint error: {e}", file=sys.stderr)
+        if _reports(e):
+            print(f"megasmoe: checkpoint error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except DataError as e:
         print(f"megasmoe: data error: {e}", file=sys.stderr)

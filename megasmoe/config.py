@@ -498,6 +498,7 @@ def resolve_world(cfg: Config, world_size: Optional[int] = None) -> Config:
         _require(value is None or value >= 1,
                  f"parallel.{name}={value} must be >= 1 (or null to derive it)")
     mp = cfg.model_parallel_size()
+    launched = world_size is not None
     if world_size is not None:
         _require(
             p.world_size in (None, world_size),
@@ -510,7 +511,10 @@ def resolve_world(cfg: Config, world_size: Optional[int] = None) -> Config:
     _require(
         p.world_size % mp == 0,
         f"parallel: world size {p.world_size} is not divisible by tp x pp x cp = "
-        f"{p.tp}x{p.pp}x{p.cp} = {mp}; change parallel.tp/pp/cp or the number of processes",
+        f"{p.tp}x{p.pp}x{p.cp} = {mp}; "
+        + (f"launch a multiple of {mp} processes" if launched else
+           f"set parallel.world_size to a multiple of {mp} (e.g. parallel.world_size={mp})")
+        + " or change parallel.tp/pp/cp",
     )
     dp = p.world_size // mp
     _require(

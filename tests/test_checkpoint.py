@@ -404,6 +404,36 @@ def test_changed_model_shape_is_refused(ref_ep2, tmp_path):
 # ------------------------------------------------------------------ expert identity
 
 
+def test_rerunning_a_finished_run_says_so_and_changes_nothing(ref_ep2, tmp_path):
+    """The README command run twice: the second finds step 20 of 20 and says how to go
+    on, instead of announcing 20 steps and training none."""
+    run_dir = tmp_path / "run"
+    seed_run_dir(run_dir, ckpt.checkpoint_root(ref_ep2) / "iter_0000020")
+    proc = run_direct(pretrain_args(run_dir, *WS1))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "is already at step 20 of train.steps=20: nothing to train" in proc.stdout
+    assert "for 20 steps" not in proc.stdout
+    assert [s for s, _ in ckpt.list_checkpoints(ckpt.checkpoint_root(run_dir))] == [20]
+
+
+def test_changed_router_is_refused_once(ref_ep2, tmp_path):
+    """A topk checkpoint resumed with another router's tensors: one line (from rank 0 of
+    the two), naming the missing router tensors and the router change."""
+    run_dir = tmp_path / "run"
+    seed_run_dir(run_dir, ckpt.checkpoint_root(ref_ep2) / "iter_0000010")
+    proc = run_megasmoe(pretrain_args(run_dir, "parallel.ep=2", "moe.router.name=hyper"),
+                        nproc=2, check=False)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "checkpoint error" in line]
+    assert len(lines) == 1, proc.stderr[-4000:]
+    assert lines[0].startswith("megasmoe: checkpoint error: ")
+    assert "lacks decoder.layers.mlp.router.embedding" in lines[0]
+    assert "moe.router.name 'topk' -> 'hyper'" in lines[0]
+    # No worker traceback (torchrun's own ChildFailedError report is the one allowed).
+    assert proc.stderr.count("Traceback (most recent call last)") <= 1, proc.stderr[-4000:]
+    assert not (ckpt.checkpoint_root(run_dir) / "iter_0000011").exists()
+
+
 def _expert_weights(tensors: dict) -> dict[str, torch.Tensor]:
     """{name: [layers, experts, ...]} of the expert fc1/fc2 weights of a full checkpoint."""
     found = {}

@@ -699,6 +699,10 @@ def no_world_size(monkeypatch):
     (["train.steps=abc"], "train.steps"),
     (["moe.router.name=topkk"], "did you mean 'topk'"),
     (["parallel.ep=3"], "parallel.ep=3"),
+    (["parallel.pp=3"], "set parallel.world_size to a multiple of 3"),
+    (["moe.router.name=hyper", "moe.router.reduced_dim=4"],
+     "moe.router.reduced_dim is a field of router xmoe, not of moe.router.name=hyper; "
+     "set moe.router.name=xmoe or drop moe.router.reduced_dim"),
     (["train.steps"], "key=value"),
 ])
 def test_cli_check_config_error(args, needle, capsys, no_world_size):

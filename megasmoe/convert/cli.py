@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import json
 import sys
+import warnings
 
 __all__ = ["add_subcommand", "main", "EXIT_ERROR"]
 
@@ -38,6 +39,17 @@ def _require_hf_extra() -> None:
                               f"'megasmoe[hf]')")
 
 
+def _quiet_one_process_loads() -> None:
+    """Silence what loading a distributed checkpoint in one process and loading the HF
+    model print by design (torch DCP's "distributed is disabled", its ShardedTensor
+    deprecation, transformers' weight-loading progress bar): the report is the output."""
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _run(fn):
     def wrapped(args) -> int:
         from megasmoe.checkpoint import CheckpointError
@@ -46,7 +58,9 @@ def _run(fn):
 
         try:
             _require_hf_extra()
-            return fn(args)
+            with warnings.catch_warnings():
+                _quiet_one_process_loads()
+                return fn(args)
         except (ConversionError, ConfigError, CheckpointError) as e:
             print(f"megasmoe: convert error: {e}", file=sys.stderr)
             return EXIT_ERROR

@@ -50,12 +50,32 @@ def router_config_for(cfg):
     """Build and check the chosen router's own config from ``moe.router.*`` fields."""
     from megasmoe.config import ConfigError, _build
 
-    cls, config_cls = router_entry(cfg.moe.router.name)
-    router_cfg = _build(config_cls, dict(cfg.moe.router.options), "moe.router.")
+    name = cfg.moe.router.name
+    cls, config_cls = router_entry(name)
+    options = dict(cfg.moe.router.options)
+    _refuse_other_routers_fields(name, config_cls, options)
+    router_cfg = _build(config_cls, options, "moe.router.")
     check = getattr(router_cfg, "validate", None)
     if check is not None:
         check(cfg)
     return router_cfg
+
+
+def _refuse_other_routers_fields(name: str, config_cls: type, options: dict) -> None:
+    """A moe.router.* key that another router has (a leftover of switching routers, or
+    the wrong name) is refused naming both routers, not as an unknown key."""
+    from megasmoe.config import ConfigError
+
+    own = set(config_fields(config_cls))
+    for key in options:
+        if key in own:
+            continue
+        owners = [r for r, (_, c) in sorted(_REGISTRY.items()) if key in config_fields(c)]
+        if owners:
+            raise ConfigError(
+                f"moe.router.{key} is a field of router {', '.join(owners)}, not of "
+                f"moe.router.name={name}; set moe.router.name={owners[0]} or drop "
+                f"moe.router.{key}")
 
 
 def router_spec(cfg) -> functools.partial:

@@ -294,6 +294,14 @@ class Trainer:
         for m in self.model:
             m.train()
         tokens_per_step = t.global_batch_size * t.seq_length
+        end = min(t.steps, t.exit_at_step) if t.exit_at_step else t.steps
+        if self.step >= end:
+            self.metrics.info(
+                f"megasmoe: {cfg.run.name} is already at step {self.step} of "
+                f"train.steps={t.steps}: nothing to train (raise train.steps to continue, or "
+                f"set run.name for a new run)")
+            self.finish_saves()
+            return {"losses": []}
         self.metrics.info(
             f"megasmoe: training {cfg.run.name} for {t.steps} steps "
             f"({tokens_per_step:,} tokens/step) on {dist.get_world_size()} "
@@ -305,7 +313,6 @@ class Trainer:
         window_losses: list[float] = []
         last: dict = {}
         history: list[float] = []
-        end = min(t.steps, t.exit_at_step) if t.exit_at_step else t.steps
         while self.step < end:
             out = self.train_step()
             meter.add(tokens_per_step)
@@ -500,12 +507,13 @@ def pretrain(cfg: Config) -> dict:
         if is_main():
             run_dir = cfg.run.path.resolve()
             latest = trainer.ckpt_root / "latest"
+            saved = (trainer.ckpt_root / latest.read_text().strip()).resolve() \
+                if latest.exists() else None
             trainer.metrics.info(
                 f"\nDone. Outputs in {run_dir}\n"
                 f"  config:      {run_dir / 'config.yaml'}\n"
                 f"  metrics:     {run_dir / 'metrics.jsonl'}\n"
-                + (f"  checkpoint:  {trainer.ckpt_root / latest.read_text().strip()}\n"
-                   if latest.exists() else "") +
+                + (f"  checkpoint:  {saved}\n" if saved is not None else "") +
                 f"  TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
             )
         return result
