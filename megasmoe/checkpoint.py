@@ -57,6 +57,7 @@ __all__ = [
     "load_checkpoint",
     "prune_checkpoints",
     "MODEL_SHAPE_FIELDS",
+    "check_resume_compatible",
 ]
 
 # Keys of chained (dense + expert) optimizers must not depend on the layout, and the
@@ -495,6 +496,27 @@ def check_compatible(meta: dict, cfg, ckpt_dir: Path) -> None:
         raise CheckpointError(
             f"{ckpt_dir} holds a different model shape ({'; '.join(diffs)}); resume with the "
             f"checkpoint's values or start a new run.dir", same_on_every_rank=True)
+
+
+def check_resume_compatible(cfg) -> None:
+    """Before any process starts: the checkpoint this run would resume from (``latest``,
+    or checkpoint.resume_step) holds this model's shape and optimizer type, else
+    CheckpointError (one line, exit 2, no torchrun report). Reads only its megasmoe.json;
+    a missing or unreadable one is left to the trainer, which falls back to an older
+    checkpoint. Router tensors are checked later, in the workers (check_model_tensors)."""
+    c = cfg.checkpoint
+    if not (c.resume or c.resume_step is not None):
+        return
+    root = checkpoint_root(cfg.run.path)
+    path = iteration_dir(root, c.resume_step) if c.resume_step is not None else _read_latest(root)
+    if path is None:
+        return
+    try:
+        meta = read_meta(path)
+    except CheckpointError:
+        return
+    if not meta.get("weights_only"):
+        check_compatible(meta, cfg, path)
 
 
 def _router_changes(meta: dict, cfg) -> list[str]:

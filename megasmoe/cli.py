@@ -81,7 +81,10 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_world_size(args) -> int:
+    from megasmoe.checkpoint import check_resume_compatible
+
     cfg = _load(args)
+    check_resume_compatible(cfg)  # launch/pretrain.sh: refuse before torchrun starts
     print(cfg.parallel.world_size)
     return 0
 

@@ -750,6 +750,9 @@ def preflight(config: Optional[str], overrides: Sequence[str], env: Mapping[str,
         validate(cfg, a.world_size)
     except ConfigError as e:
         raise ConfigError(f"{e} (allocation: {a.describe()})") from None
+    from megasmoe.checkpoint import check_resume_compatible
+
+    check_resume_compatible(cfg)
     if a.gpus_per_node is not None and a.gpus_per_node and a.nproc_per_node > a.gpus_per_node:
         raise LaunchError(f"{a.nproc_per_node} processes per node but SLURM allocated "
                           f"{a.gpus_per_node} GPUs per node; make --ntasks-per-node equal "
@@ -845,6 +848,7 @@ def _quiet() -> None:
 
 def _handle(args) -> int:
     """Run one `launch` invocation; returns the exit code."""
+    from megasmoe.checkpoint import CheckpointError
     from megasmoe.config import ConfigError
 
     _quiet()
@@ -896,6 +900,8 @@ def _handle(args) -> int:
         return _fail("config", str(e))
     except LaunchError as e:
         return _fail("launch", str(e))
+    except CheckpointError as e:
+        return _fail("checkpoint", str(e))
     return _fail("launch", "give --dry-run or an action: " + ", ".join(ACTIONS))
 
 

@@ -633,3 +633,16 @@ def test_prune_checkpoints(tmp_path):
     assert ckpt.prune_checkpoints(root, keep_last=1) == [root / "iter_0000010",
                                                          root / "iter_0000050"]
     assert [s for s, _ in ckpt.list_checkpoints(root)] == [20, 30, 60]
+
+
+def test_launch_script_refuses_a_changed_shape_before_torchrun(ref_ep2, tmp_path):
+    """launch/pretrain.sh checks the checkpoint it would resume from before starting
+    torchrun: one line, exit 2, no torchrun report."""
+    run_dir = tmp_path / "run"
+    seed_run_dir(run_dir, ckpt.checkpoint_root(ref_ep2) / "iter_0000010")
+    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_JOB_ID", "RANK")}
+    proc = subprocess.run(["bash", "launch/pretrain.sh", CONFIG, *FAST, *STEPS,
+                           f"run.dir={run_dir}", "model.hidden_size=64"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert_checkpoint_error(proc, ["model.hidden_size 128 -> 64"])
+    assert "ChildFailedError" not in proc.stderr and "torchrun" not in proc.stderr
