@@ -857,6 +857,25 @@ def test_cli_handlers(tmp_path, capsys):
         "FAIL: max |logit difference|")
 
 
+def test_cli_verify_on_text_with_the_exports_tokenizer(trained, tmp_path, capsys):
+    import argparse
+
+    report = trained.export("ep2")
+    parser = argparse.ArgumentParser(prog="megasmoe")
+    add_subcommand(parser.add_subparsers(dest="command", required=True))
+    text = tmp_path / "text.txt"
+    text.write_text(SAMPLE_TEXT * 10)
+    args = parser.parse_args(["convert", "verify", str(trained.run("ep2")),
+                              str(report.out_dir), "--text", str(text)])
+    assert args.fn(args) == 0
+    out = capsys.readouterr().out
+    assert f"tokens: 2 x 33 tokens of {text} (the export's tokenizer)" in out
+    assert out.strip().splitlines()[-1].startswith("PASS")
+    text.write_text("Hi.")
+    assert args.fn(args) == 2
+    assert "fewer than one row of --length 33" in capsys.readouterr().err
+
+
 def test_cli_names_the_install_command_without_the_hf_extra(tmp_path, capsys, monkeypatch):
     import argparse
     import importlib.util

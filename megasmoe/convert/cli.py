@@ -3,7 +3,8 @@
     convert to-hf RUN OUT [--allow-drop] [--remote-code] [--tokenizer PATH]
                           [--max-shard-size BYTES] [--no-check]
     convert from-hf HF_DIR OUT_RUN [key=value ...]
-    convert verify RUN HF_DIR [--tokens FILE] [--batch B --length N --seed S] [--tol T]
+    convert verify RUN HF_DIR [--tokens FILE | --text FILE] [--batch B --length N --seed S]
+                   [--tol T]
 
 Errors print one line (``megasmoe: convert error: ...``) and exit with code 2; ``verify``
 ends with a PASS/FAIL line and exits 1 when the logits differ by more than ``--tol``.
@@ -91,17 +92,22 @@ def _cmd_from_hf(args) -> int:
 def _cmd_verify(args) -> int:
     from megasmoe.checkpoint import read_meta
     from megasmoe.convert.reader import resolve_checkpoint
-    from megasmoe.convert.verify import random_token_ids, verify
+    from megasmoe.convert.verify import random_token_ids, text_token_ids, verify
 
     if args.tokens:
         with open(args.tokens) as f:
             ids = json.load(f)
         source = f"token ids from {args.tokens}"
+    elif args.text:
+        with open(args.text, encoding="utf-8") as f:
+            ids = text_token_ids(args.hf_dir, f.read(), args.batch, args.length)
+        source = (f"{ids.shape[0]} x {ids.shape[1]} tokens of {args.text} (the export's "
+                  f"tokenizer)")
     else:
         vocab = read_meta(resolve_checkpoint(args.run))["config"]["model"]["vocab_size"]
         ids = random_token_ids(vocab, args.batch, args.length, args.seed)
         source = (f"random token ids (seed {args.seed}), so the losses are not those of text; "
-                  f"--tokens FILE for real text")
+                  f"--text FILE for real text")
     report = verify(args.run, args.hf_dir, ids)
     print(f"tokens: {source}")
     print(report.summary())
@@ -147,9 +153,13 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="compare megasmoe and HF logits on the same tokens")
     p.add_argument("run", help="run dir, checkpoints dir or iter_XXXXXXX dir")
     p.add_argument("hf_dir", help="HF directory")
-    p.add_argument("--tokens", default=None, help="JSON file with token ids [[...], ...]")
-    p.add_argument("--batch", type=int, default=2, help="random sequences (no --tokens)")
-    p.add_argument("--length", type=int, default=33, help="tokens per random sequence")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--tokens", default=None, help="JSON file with token ids [[...], ...]")
+    src.add_argument("--text", default=None,
+                     help="text file, tokenised by the export's tokenizer (--batch rows of "
+                          "--length tokens)")
+    p.add_argument("--batch", type=int, default=2, help="sequences (random ids or --text)")
+    p.add_argument("--length", type=int, default=33, help="tokens per sequence")
     p.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
     p.add_argument("--tol", type=float, default=1e-4,
                    help="largest |logit difference| that passes (exit 1 above it); the "

@@ -27,7 +27,8 @@ from megasmoe.convert.errors import ConversionError
 from megasmoe.convert.reader import checkpoint_problems, resolve_checkpoint
 from megasmoe.convert.runtime import single_process, single_process_config
 
-__all__ = ["VerifyReport", "verify", "megatron_logits", "hf_logits", "random_token_ids"]
+__all__ = ["VerifyReport", "verify", "megatron_logits", "hf_logits", "random_token_ids",
+           "text_token_ids"]
 
 
 @dataclass
@@ -50,6 +51,24 @@ class VerifyReport:
                 f"({self.tokens} positions)\n"
                 f"loss: megasmoe {self.megatron_loss:.6f} (real vocab "
                 f"{self.megatron_loss_unpadded:.6f}), HF {self.hf_loss:.6f}")
+
+
+def text_token_ids(hf_dir: str | Path, text: str, batch: int = 2,
+                   length: int = 33) -> torch.Tensor:
+    """``text`` tokenised by the export's own tokenizer, as up to ``batch`` rows of
+    ``length`` consecutive tokens [rows, length]; ConversionError when the export has no
+    tokenizer or the text is shorter than one row."""
+    if not (Path(hf_dir) / "tokenizer_config.json").is_file():
+        raise ConversionError(f"{hf_dir} has no tokenizer (a mock-data run exports none); "
+                              f"pass token ids with --tokens instead of --text")
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(hf_dir))(text, add_special_tokens=False)["input_ids"]
+    rows = min(batch, len(ids) // length)
+    if rows == 0:
+        raise ConversionError(f"the text gives {len(ids)} tokens, fewer than one row of "
+                              f"--length {length}; give more text or a smaller --length")
+    return torch.tensor(ids[:rows * length]).reshape(rows, length)
 
 
 def random_token_ids(vocab_size: int, batch: int = 2, length: int = 33,
