@@ -58,6 +58,7 @@ __all__ = [
     "prune_checkpoints",
     "MODEL_SHAPE_FIELDS",
     "check_resume_compatible",
+    "read_latest",
 ]
 
 # Keys of chained (dense + expert) optimizers must not depend on the layout, and the
@@ -146,7 +147,8 @@ def verify_checkpoint(ckpt_dir: Path) -> Optional[str]:
     return None
 
 
-def _read_latest(root: Path) -> Optional[Path]:
+def read_latest(root: Path) -> Optional[Path]:
+    """The checkpoint directory ``<root>/latest`` names (not verified); None without one."""
     try:
         name = (Path(root) / LATEST).read_text().strip()
     except OSError:
@@ -169,7 +171,7 @@ def find_resume_checkpoint(root: Path, step: Optional[int] = None) -> Optional[P
             raise CheckpointError(f"checkpoint.resume_step={step}: {problem}; pick a step from "
                                   f"{[s for s, _ in candidates]}")
         return wanted
-    latest = _read_latest(root)
+    latest = read_latest(root)
     if latest is None and not candidates:
         return None
     newest_first = sorted(candidates, reverse=True)
@@ -449,7 +451,7 @@ def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
     if keep_last <= 0:
         return []
     found = list_checkpoints(root)
-    latest = _read_latest(root)
+    latest = read_latest(root)
     removed = []
     for step, d in found[:-keep_last]:
         if d == latest or (d / "KEEP").exists():
@@ -508,7 +510,7 @@ def check_resume_compatible(cfg) -> None:
     if not (c.resume or c.resume_step is not None):
         return
     root = checkpoint_root(cfg.run.path)
-    path = iteration_dir(root, c.resume_step) if c.resume_step is not None else _read_latest(root)
+    path = iteration_dir(root, c.resume_step) if c.resume_step is not None else read_latest(root)
     if path is None:
         return
     try:
@@ -544,24 +546,24 @@ def check_model_tensors(model_states: list, ckpt_dir: Path, meta: dict, cfg) -> 
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     stored = load_tensors_metadata(str(ckpt_dir))
-    missing, reshaped = [], []
+    missing, reshaped = set(), set()
     for state in model_states:
         for sh in nested_values(state):
             if not isinstance(sh, ShardedTensor) or sh.key.endswith("_extra_state"):
                 continue
             if sh.key not in stored:
-                missing.append(sh.key)
+                missing.add(sh.key)
             elif tuple(stored[sh.key].global_shape) != tuple(sh.global_shape):
-                reshaped.append(f"{sh.key} {list(stored[sh.key].global_shape)} -> "
-                                f"{list(sh.global_shape)}")
+                reshaped.add(f"{sh.key} {list(stored[sh.key].global_shape)} -> "
+                             f"{list(sh.global_shape)}")
     if not missing and not reshaped:
         return
     what = []
     if missing:
-        what.append("lacks " + ", ".join(sorted(set(missing))[:4])
-                    + (" ..." if len(set(missing)) > 4 else ""))
+        more = " ..." if len(missing) > 4 else ""
+        what.append("lacks " + ", ".join(sorted(missing)[:4]) + more)
     if reshaped:
-        what.append("holds at another shape " + ", ".join(sorted(set(reshaped))[:4]))
+        what.append("holds at another shape " + ", ".join(sorted(reshaped)[:4]))
     changes = _router_changes(meta, cfg)
     why = f" ({'; '.join(changes)})" if changes else ""
     raise CheckpointError(f"{ckpt_dir} {'; '.join(what)}{why}; resume with the checkpoint's "

@@ -506,14 +506,12 @@ def pretrain(cfg: Config) -> dict:
         result = trainer.fit()
         if is_main():
             run_dir = cfg.run.path.resolve()
-            latest = trainer.ckpt_root / "latest"
-            saved = (trainer.ckpt_root / latest.read_text().strip()).resolve() \
-                if latest.exists() else None
+            saved = ckpt.read_latest(trainer.ckpt_root)
             trainer.metrics.info(
                 f"\nDone. Outputs in {run_dir}\n"
                 f"  config:      {run_dir / 'config.yaml'}\n"
                 f"  metrics:     {run_dir / 'metrics.jsonl'}\n"
-                + (f"  checkpoint:  {saved}\n" if saved is not None else "") +
+                + (f"  checkpoint:  {saved.resolve()}\n" if saved is not None else "") +
                 f"  TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
             )
         return result

@@ -20,6 +20,7 @@ from megasmoe.convert.routers import Routing
 
 __all__ = ["Arch", "Tensors", "ImportedModel", "LAYER_COMMON", "GLOBAL_COMMON", "require_zero",
            "common_model_overrides", "layer_freq", "plain_moe_unsupported", "QK_NORMS",
+           "SWIGLU_NAMES",
            "export_qk_norms", "import_qk_norms",
            "import_qkv_biases", "export_qkv_biases"]
 
@@ -34,6 +35,10 @@ LAYER_COMMON = (
     ("mlp_norm", "post_attention_layernorm.weight"),
 )
 
+
+SWIGLU_NAMES = ("gate_proj", "up_proj", "down_proj")
+"""HF names of a SwiGLU MLP's gate, up and down projections (Llama layout; experts of
+every target but Mixtral and GPT-OSS, shared experts, dense MLPs)."""
 
 QK_NORMS = (("q_norm", "self_attn.q_norm.weight"), ("k_norm", "self_attn.k_norm.weight"))
 """(canonical, HF) names of the q/k norms (OLMoE full width, Qwen3-MoE per head)."""
@@ -207,7 +212,7 @@ class Arch:
                 [hf.take(f"{prefix}.experts.{e}.{n}.weight") for e in range(num_experts)])
 
     @staticmethod
-    def mlp(canon_prefix: str, hf_prefix: str, names=("gate_proj", "up_proj", "down_proj")):
+    def mlp(canon_prefix: str, hf_prefix: str, names=SWIGLU_NAMES):
         """(canonical, HF) pairs of a SwiGLU MLP."""
         return [(f"{canon_prefix}.{p}", f"{hf_prefix}.{n}.weight")
                 for p, n in zip(("gate", "up", "down"), names)]

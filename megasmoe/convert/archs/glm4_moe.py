@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from megasmoe.convert.archs.base import (
+    SWIGLU_NAMES,
     Arch,
     ImportedModel,
     Tensors,
@@ -33,8 +34,6 @@ from megasmoe.convert.megatron_layout import ModelShape
 from megasmoe.convert.routers import Routing
 
 __all__ = ["Glm4Moe"]
-
-_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 class Glm4Moe(Arch):
@@ -97,10 +96,10 @@ class Glm4Moe(Arch):
             bias = canon.get(f"layers.{i}.gate.selection_bias")
             out[f"{p}.gate.e_score_correction_bias"] = (
                 torch.zeros(shape.num_experts) if bias is None else bias.float())
-            self.export_experts(canon, i, shape.num_experts, p, _EXPERT_NAMES, out)
+            self.export_experts(canon, i, shape.num_experts, p, SWIGLU_NAMES, out)
             H, S = shape.hidden_size, shape.shared_expert_size
             dtype = out[f"{p}.gate.weight"].dtype
-            for part, name in zip(("gate", "up", "down"), _EXPERT_NAMES):
+            for part, name in zip(("gate", "up", "down"), SWIGLU_NAMES):
                 t = canon.get(f"layers.{i}.shared.{part}") if S else None
                 if t is None:  # zero-width shared expert (n_shared_experts = 0)
                     t = torch.zeros((H, 0) if part == "down" else (0, H), dtype=dtype)
@@ -142,8 +141,8 @@ class Glm4Moe(Arch):
             canonical[f"layers.{i}.router.weight"] = hf.take(f"{p}.mlp.gate.weight")
             bias = hf.take(f"{p}.mlp.gate.e_score_correction_bias").float()
             biases.append((i, bias))
-            self.import_experts(hf, i, E, f"{p}.mlp", _EXPERT_NAMES, canonical)
-            for part, name in zip(("gate", "up", "down"), _EXPERT_NAMES):
+            self.import_experts(hf, i, E, f"{p}.mlp", SWIGLU_NAMES, canonical)
+            for part, name in zip(("gate", "up", "down"), SWIGLU_NAMES):
                 t = hf.take(f"{p}.mlp.shared_experts.{name}.weight")
                 if S:
                     canonical[f"layers.{i}.shared.{part}"] = t

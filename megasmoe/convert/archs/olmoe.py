@@ -15,16 +15,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megasmoe.convert.archs.base import (Arch, ImportedModel, Tensors, common_model_overrides,
-                                         export_qk_norms, import_qk_norms,
-                                         plain_moe_unsupported)
+from megasmoe.convert.archs.base import (SWIGLU_NAMES, Arch, ImportedModel, Tensors,
+                                         common_model_overrides, export_qk_norms,
+                                         import_qk_norms, plain_moe_unsupported)
 from megasmoe.convert.archs.checks import check_common, require
 from megasmoe.convert.megatron_layout import ModelShape
 from megasmoe.convert.routers import Routing
 
 __all__ = ["Olmoe"]
-
-_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 class Olmoe(Arch):
@@ -58,7 +56,7 @@ class Olmoe(Arch):
             p = f"model.layers.{i}"
             export_qk_norms(canon, i, out)
             out[f"{p}.mlp.gate.weight"] = canon.take(f"layers.{i}.gate.weight")
-            self.export_experts(canon, i, shape.num_experts, f"{p}.mlp", _EXPERT_NAMES, out,
+            self.export_experts(canon, i, shape.num_experts, f"{p}.mlp", SWIGLU_NAMES, out,
                                 down_scale=routing.scaling)
         return out
 
@@ -77,7 +75,7 @@ class Olmoe(Arch):
             p = f"model.layers.{i}"
             import_qk_norms(hf, i, canonical)
             canonical[f"layers.{i}.router.weight"] = hf.take(f"{p}.mlp.gate.weight")
-            self.import_experts(hf, i, E, f"{p}.mlp", _EXPERT_NAMES, canonical)
+            self.import_experts(hf, i, E, f"{p}.mlp", SWIGLU_NAMES, canonical)
         moe = {"num_experts": E, "topk": cfg["num_experts_per_tok"],
                "ffn_hidden_size": cfg["intermediate_size"], "layer_freq": 1,
                "shared_expert_size": 0, "aux_loss_coeff": cfg.get("router_aux_loss_coef", 0.01),

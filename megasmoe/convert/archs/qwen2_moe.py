@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from megasmoe.convert.archs.base import (
+    SWIGLU_NAMES,
     Arch,
     ImportedModel,
     Tensors,
@@ -38,8 +39,6 @@ from megasmoe.convert.megatron_layout import ModelShape
 from megasmoe.convert.routers import Routing
 
 __all__ = ["Qwen2Moe", "moe_layer_ids", "qwen_config", "qwen_import_start", "qwen_moe_section"]
-
-_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 def moe_layer_ids(cfg: dict) -> list[bool]:
@@ -123,7 +122,7 @@ class Qwen2Moe(Arch):
                     out[h] = canon.take(c)
                 continue
             out[f"{p}.mlp.gate.weight"] = canon.take(f"layers.{i}.gate.weight")
-            self.export_experts(canon, i, shape.num_experts, f"{p}.mlp", _EXPERT_NAMES, out,
+            self.export_experts(canon, i, shape.num_experts, f"{p}.mlp", SWIGLU_NAMES, out,
                                 down_scale=routing.scaling)
             sp = f"{p}.mlp.shared_expert"
             if S:
@@ -161,7 +160,7 @@ class Qwen2Moe(Arch):
                     canonical[c] = hf.take(h)
                 continue
             canonical[f"layers.{i}.router.weight"] = hf.take(f"{p}.mlp.gate.weight")
-            self.import_experts(hf, i, E, f"{p}.mlp", _EXPERT_NAMES, canonical)
+            self.import_experts(hf, i, E, f"{p}.mlp", SWIGLU_NAMES, canonical)
             sp = f"{p}.mlp.shared_expert"
             gate = hf.take(f"{p}.mlp.shared_expert_gate.weight")
             if S:
@@ -174,7 +173,7 @@ class Qwen2Moe(Arch):
                 else:  # sigmoid(0) = 1/2 exactly: the ungated expert is W / 2, exactly
                     canonical[f"layers.{i}.shared.down"] = down / 2
             else:
-                for n in ("gate_proj", "up_proj", "down_proj"):
+                for n in SWIGLU_NAMES:
                     hf.get(f"{sp}.{n}.weight")  # zero-width: nothing to carry over
         moe = qwen_moe_section(cfg, pattern, shared_expert_size=S, shared_expert_gate=gated)
         return ImportedModel({"model": model, "moe": moe}, canonical)

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megasmoe.convert.archs.base import (Arch, ImportedModel, Tensors, export_qk_norms,
-                                         import_qk_norms, plain_moe_unsupported, require_zero)
+from megasmoe.convert.archs.base import (SWIGLU_NAMES, Arch, ImportedModel, Tensors,
+                                         export_qk_norms, import_qk_norms,
+                                         plain_moe_unsupported, require_zero)
 from megasmoe.convert.archs.qwen2_moe import qwen_config, qwen_import_start, qwen_moe_section
 from megasmoe.convert.megatron_layout import ModelShape
 from megasmoe.convert.routers import Routing
 
 __all__ = ["Qwen3Moe"]
-
-_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 class Qwen3Moe(Arch):
@@ -60,7 +59,7 @@ class Qwen3Moe(Arch):
                     out[h] = canon.take(c)
                 continue
             out[f"{p}.mlp.gate.weight"] = canon.take(f"layers.{i}.gate.weight")
-            self.export_experts(canon, i, shape.num_experts, f"{p}.mlp", _EXPERT_NAMES, out,
+            self.export_experts(canon, i, shape.num_experts, f"{p}.mlp", SWIGLU_NAMES, out,
                                 down_scale=routing.scaling)
         return out
 
@@ -82,6 +81,6 @@ class Qwen3Moe(Arch):
                     canonical[c] = hf.take(h)
                 continue
             canonical[f"layers.{i}.router.weight"] = hf.take(f"{p}.mlp.gate.weight")
-            self.import_experts(hf, i, E, f"{p}.mlp", _EXPERT_NAMES, canonical)
+            self.import_experts(hf, i, E, f"{p}.mlp", SWIGLU_NAMES, canonical)
         moe = qwen_moe_section(cfg, pattern, shared_expert_size=0)
         return ImportedModel({"model": model, "moe": moe}, canonical)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from megasmoe.convert.archs.base import (Arch, ImportedModel, Tensors, export_qk_norms,
-                                         export_qkv_biases)
+from megasmoe.convert.archs.base import (SWIGLU_NAMES, Arch, ImportedModel, Tensors,
+                                         export_qk_norms, export_qkv_biases)
 from megasmoe.convert.errors import ConversionError
 from megasmoe.convert.megatron_layout import ModelShape
 from megasmoe.convert.routers import Routing
@@ -24,7 +24,6 @@ from megasmoe.convert.routers import Routing
 __all__ = ["MegasmoeRemote", "MODELING_FILE"]
 
 MODELING_FILE = "modeling_megasmoe.py"
-_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 class MegasmoeRemote(Arch):
@@ -92,7 +91,7 @@ class MegasmoeRemote(Arch):
                 bias = canon.get(f"layers.{i}.gate.bias")
                 out[f"{p}.mlp.gate.bias"] = (bias if bias is not None
                                              else weight.new_zeros(weight.shape[0]))
-            self.export_experts(canon, i, shape.num_experts, f"{p}.mlp", _EXPERT_NAMES, out)
+            self.export_experts(canon, i, shape.num_experts, f"{p}.mlp", SWIGLU_NAMES, out)
             if shape.shared_expert_size:
                 for c, h in self.mlp(f"layers.{i}.shared", f"{p}.mlp.shared_expert"):
                     out[h] = canon.take(c)
