@@ -1,7 +1,7 @@
 """Golden tests of the routers' math (megasmoe/routers/functional.py).
 
 Each function is compared in float64 with an independent reference written here from
-the specification (../shared/reference/routers.md), with explicit Python loops and
+the specification (docs/router-spec.md), with explicit Python loops and
 sorting (numpy for the SVD) rather than the vectorised torch of the implementation.
 Small shapes: T = 12 tokens, E = 6 experts, d = 10, k = 2. Random inputs are drawn
 from a seeded generator; float64 random scores have no ties.

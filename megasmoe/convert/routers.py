@@ -291,5 +291,6 @@ def _unified(ctx: RouterContext) -> GateExport:
     raise _refuse("unified", (
         "its cross-token top-k gives each token a variable number of experts (chosen among "
         "the tokens of a group), and standard architectures route each token alone to "
-        "exactly k experts; export the checkpoint trained with topk (unified is "
-        "training-free on a topk model)"))
+        "exactly k experts; its W_r was trained under this cross-token selection, so a "
+        "per-token top-k gate with the same weights would be a different model; to get an "
+        "exportable checkpoint, train with topk"))

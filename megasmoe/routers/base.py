@@ -228,7 +228,7 @@ class SpecRouter(MegasmoeRouter):
 
     ``route(logits [T, E], padding_mask [T] or None) -> (probs, routing_map, scores)``
     where ``scores`` [T, E] are what the paper's balance loss balances (None: no loss).
-    The balance loss is L_bal = E sum_e f_e P_e (routers.md), with f from the token
+    The balance loss is L_bal = E sum_e f_e P_e (docs/router-spec.md), with f from the token
     counts reduced over the tensor/context-parallel group, scaled by moe.aux_loss_coeff
     and only when moe.aux_loss_type is aux_loss.
     """

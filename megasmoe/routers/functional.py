@@ -3,7 +3,7 @@
 Shapes: T tokens, E experts, d hidden, k experts per token. ``scores``/``logits`` are
 [T, E]; a routing map is a bool [T, E]; probabilities are dense [T, E] with zeros off
 the map. Each function is checked against an independent float64 reference in
-tests/test_router_math.py, written from ../shared/reference/routers.md.
+tests/test_router_math.py, written from the specification in docs/router-spec.md.
 """
 
 from __future__ import annotations
