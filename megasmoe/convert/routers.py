@@ -120,13 +120,13 @@ def exporters() -> list[str]:
 
 def router_options(config: dict) -> dict:
     """moe.router.* of a config, over the router config dataclass's defaults."""
-    from megasmoe.routers import router_entry
+    from megasmoe.routers import router_config_class
 
     router = dict(config["moe"].get("router", {}))
     name = router.pop("name", "topk")
     router.update(router.pop("options", {}))
     try:
-        _, config_cls = router_entry(name)
+        config_cls = router_config_class(name)
         defaults = dataclasses.asdict(config_cls())
     except Exception:  # noqa: BLE001 - an unknown router is refused by export_gate
         defaults = {}

@@ -1,26 +1,23 @@
-"""The router zoo. Importing this package registers every router.
+"""The router zoo. Importing this package registers every router's fields; a router's
+class (and megatron-core with it) is imported on first use (``router_entry``).
 
-Add a router: a module here with its math as plain tensor functions, a config
-dataclass (``RouterConfigBase``) with one docstring per field, and a
-``MegasmoeRouter`` subclass decorated with ``@register_router(name, ConfigCls)``;
-then import the module below.
+Add a router: a module here with its math as plain tensor functions and a
+``MegasmoeRouter`` subclass decorated with ``@register_router(name, ConfigCls)``; its
+config dataclass (``RouterConfigBase``, one docstring per field) goes in
+``options.py`` with ``@router_options(name, module, summary)``.
 """
 
+from megasmoe.routers import options  # noqa: F401  (registers every router's fields)
 from megasmoe.routers.registry import (
     register_router,
     registered_routers,
+    router_config_class,
     router_config_for,
     router_entry,
+    router_options,
     router_spec,
+    router_summary,
 )
 
-# Importing a module registers its routers.
-from megasmoe.routers import topk  # noqa: E402,F401
-from megasmoe.routers import baselines  # noqa: E402,F401
-from megasmoe.routers import domain_steer  # noqa: E402,F401
-from megasmoe.routers import hyper  # noqa: E402,F401
-from megasmoe.routers import spectral  # noqa: E402,F401
-from megasmoe.routers import unified  # noqa: E402,F401
-
-__all__ = ["register_router", "registered_routers", "router_config_for", "router_entry",
-           "router_spec"]
+__all__ = ["register_router", "registered_routers", "router_config_class", "router_config_for",
+           "router_entry", "router_options", "router_spec", "router_summary"]

@@ -31,7 +31,6 @@ sees only its slice of the sequence). Parameters may carry ``megasmoe_init``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -42,21 +41,10 @@ from megatron.core.transformer.moe.moe_utils import (
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megasmoe.routers import functional as RF
+from megasmoe.routers.options import RouterConfigBase
 
 __all__ = ["MegasmoeRouter", "SpecRouter", "RouterConfigBase", "router_logits",
            "uniform_fan_in_init", "orthogonal_init", "normal_init"]
-
-
-@dataclass
-class RouterConfigBase:
-    """Fields shared by all router configs (none yet); subclasses add their own."""
-
-    def transformer_config_overrides(self) -> dict:
-        """TransformerConfig fields this router needs set (e.g. score function)."""
-        return {}
-
-    def validate(self, cfg) -> None:
-        """Raise ConfigError for settings this router cannot run with."""
 
 
 def router_logits(

@@ -22,42 +22,21 @@ has a bias, megasmoe's router weight has none (``model`` has no biases anywhere)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-from megasmoe.config import ConfigError
 from megasmoe.routers import functional as RF
 from megasmoe.routers.base import (
     MegasmoeRouter,
-    RouterConfigBase,
     SpecRouter,
     orthogonal_init,
     uniform_fan_in_init,
 )
+from megasmoe.routers.options import SigmoidBiasConfig, XMoEConfig, StableMoEConfig, SMoEDropoutConfig
 from megasmoe.routers.registry import register_router
 
 __all__ = ["SigmoidBiasConfig", "SigmoidBiasRouter", "XMoEConfig", "XMoERouter",
            "StableMoEConfig", "StableMoERouter", "SMoEDropoutConfig", "SMoEDropoutRouter"]
-
-
-@dataclass
-class SigmoidBiasConfig(RouterConfigBase):
-    """Fields of the ``sigmoid_bias`` router (DeepSeek-V3 defaults)."""
-
-    bias_update_rate: float = 1e-3
-    """Step of the expert-bias update (sign of the load error times this rate)."""
-    topk_scaling_factor: Optional[float] = None
-    """Multiply the (renormalised) selected scores by this factor; null = 1."""
-
-    def transformer_config_overrides(self) -> dict:
-        return {
-            "moe_router_score_function": "sigmoid",
-            "moe_router_enable_expert_bias": True,
-            "moe_router_bias_update_rate": self.bias_update_rate,
-            "moe_router_topk_scaling_factor": self.topk_scaling_factor,
-        }
 
 
 @register_router("sigmoid_bias", SigmoidBiasConfig)
@@ -67,20 +46,6 @@ class SigmoidBiasRouter(MegasmoeRouter):
     def __init__(self, config, pg_collection=None, router_config=None, **kwargs):
         super().__init__(config, pg_collection, router_config, **kwargs)
         self.mark_sequence_parallel()
-
-
-@dataclass
-class XMoEConfig(RouterConfigBase):
-    """Fields of the ``xmoe`` router (authors' defaults)."""
-
-    reduced_dim: int = 8
-    """Dimension of the low-rank routing space (W_red: d -> reduced_dim)."""
-    embedding_norm: float = 1.5
-    """Row norm the expert embeddings are rescaled to every forward."""
-    init_gain: float = 0.32
-    """Gain of the orthogonal init of the expert embeddings."""
-    balance_temperature: float = 0.3
-    """The balance loss uses softmax(g / balance_temperature)."""
 
 
 class _EmbeddingGate(SpecRouter):
@@ -116,16 +81,6 @@ class XMoERouter(_EmbeddingGate):
                               self.expert_embeddings.to(dtype))
 
 
-@dataclass
-class StableMoEConfig(RouterConfigBase):
-    """Fields of the ``stablemoe`` router (authors' defaults)."""
-
-    init_gain: float = 0.32
-    """Gain of the orthogonal init of the expert embeddings (E x d)."""
-    balance_temperature: float = 0.3
-    """The balance loss uses softmax(g / balance_temperature)."""
-
-
 @register_router("stablemoe", StableMoEConfig)
 class StableMoERouter(_EmbeddingGate):
     """StableMoE (stage 1) gate: x . normalize(M)^T."""
@@ -142,34 +97,6 @@ class StableMoERouter(_EmbeddingGate):
     def gating(self, input):
         dtype = self.routing_dtype
         return RF.cosine_logits(input.to(dtype), self.expert_embeddings.to(dtype))
-
-
-@dataclass
-class SMoEDropoutConfig(RouterConfigBase):
-    """Fields of the ``smoe_dropout`` router (authors: 8 -> 16 of 16 experts)."""
-
-    k_start: Optional[int] = None
-    """k at step 0; null = moe.topk."""
-    k_end: Optional[int] = None
-    """k at the last step; null = moe.num_experts."""
-    inference_k: Optional[int] = None
-    """k used in evaluation; null = moe.topk."""
-    schedule_steps: Optional[int] = None
-    """Steps over which k grows; null = train.steps."""
-
-    def validate(self, cfg) -> None:
-        E = cfg.moe.num_experts
-        self.k_start = self.k_start or cfg.moe.topk
-        self.k_end = self.k_end or E
-        self.inference_k = self.inference_k or cfg.moe.topk
-        self.schedule_steps = self.schedule_steps or cfg.train.steps
-        for name in ("k_start", "k_end", "inference_k"):
-            if not 1 <= getattr(self, name) <= E:
-                raise ConfigError(f"moe.router.{name}={getattr(self, name)} must be in "
-                                  f"[1, moe.num_experts={E}]")
-        if cfg.moe.aux_loss_type != "none":
-            raise ConfigError("moe.router.name=smoe_dropout freezes the router, so a balance "
-                              "loss cannot act on it; set moe.aux_loss_type=none")
 
 
 @register_router("smoe_dropout", SMoEDropoutConfig)

@@ -14,26 +14,15 @@ it to none to match the authors).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from megasmoe.routers import functional as RF
-from megasmoe.routers.base import RouterConfigBase, SpecRouter, normal_init, uniform_fan_in_init
+from megasmoe.routers.base import SpecRouter, normal_init, uniform_fan_in_init
+from megasmoe.routers.options import HyperConfig
 from megasmoe.routers.registry import register_router
 
 __all__ = ["HyperConfig", "HyperRouter"]
-
-
-@dataclass
-class HyperConfig(RouterConfigBase):
-    """Fields of the ``hyper`` router (authors' defaults)."""
-
-    embedding_dim: Optional[int] = None
-    """d_e, size of the trainable per-layer embedding; null = hidden size (authors)."""
-    hypernet_hidden: int = 64
-    """Hidden width h of the frozen hypernetwork (authors: 64 small, 256 larger models)."""
 
 
 def _bias_init(fan_in: int):

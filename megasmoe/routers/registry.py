@@ -1,27 +1,56 @@
-"""The router registry: ``moe.router.name`` -> (router class, its config dataclass)."""
+"""The router registry: ``moe.router.name`` -> (router class, its config dataclass).
+
+The config dataclasses register with ``@router_options`` (megasmoe/routers/options.py,
+light); the classes with ``@register_router`` when their module is imported, which
+``router_entry`` does on first use.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import functools
+import importlib
 from typing import Callable
 
-__all__ = ["register_router", "registered_routers", "router_entry", "router_config_for",
-           "router_spec"]
+__all__ = ["router_options", "register_router", "registered_routers", "router_summary",
+           "router_config_class", "router_entry", "router_config_for", "router_spec"]
 
-_REGISTRY: dict[str, tuple[type, type]] = {}
+_OPTIONS: dict[str, tuple[type, str, str]] = {}
+"""name -> (config dataclass, module of the router class, one-line summary)."""
+_CLASSES: dict[str, type] = {}
+"""name -> router class, filled as router modules are imported."""
+
+
+def router_options(name: str, module: str, summary: str) -> Callable[[type], type]:
+    """Dataclass decorator: the fields of router ``name``, whose class lives in ``module``.
+
+    Registering the fields apart from the class lets validation and the CLI list routers
+    without importing megatron-core (see megasmoe/routers/options.py).
+    """
+
+    def wrap(config_cls: type) -> type:
+        if name in _OPTIONS:
+            raise ValueError(f"router '{name}' is registered twice")
+        _OPTIONS[name] = (config_cls, module, summary)
+        return config_cls
+
+    return wrap
 
 
 def register_router(name: str, config_cls: type) -> Callable[[type], type]:
-    """Class decorator: register a router class under ``name`` with its config dataclass."""
+    """Class decorator: register a router class under ``name`` with its config dataclass
+    (the one registered with ``@router_options`` under the same name)."""
 
     def wrap(cls: type) -> type:
-        if name in _REGISTRY:
+        if name in _CLASSES:
             raise ValueError(f"router '{name}' is registered twice")
+        if name not in _OPTIONS or _OPTIONS[name][0] is not config_cls:
+            raise ValueError(f"router '{name}': register {config_cls.__name__} with "
+                             f"@router_options('{name}', ...) in megasmoe/routers/options.py")
         cls.registry_name = name
         cls.config_cls = config_cls
-        _REGISTRY[name] = (cls, config_cls)
+        _CLASSES[name] = cls
         return cls
 
     return wrap
@@ -29,21 +58,44 @@ def register_router(name: str, config_cls: type) -> Callable[[type], type]:
 
 def registered_routers() -> list[str]:
     """Names users may write in moe.router.name."""
-    return sorted(_REGISTRY)
+    return sorted(_OPTIONS)
 
 
-def router_entry(name: str) -> tuple[type, type]:
-    """(router class, config dataclass) for a registered name; ConfigError otherwise."""
+def router_summary(name: str) -> str:
+    """One line saying what router ``name`` does."""
+    return _OPTIONS[name][2]
+
+
+def _known(name: str) -> None:
     from megasmoe.config import ConfigError
 
-    if name not in _REGISTRY:
-        near = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+    if name not in _OPTIONS:
+        near = difflib.get_close_matches(name, list(_OPTIONS), n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
         raise ConfigError(
             f"moe.router.name='{name}' is not a registered router{hint} "
             f"(known: {', '.join(registered_routers())})"
         )
-    return _REGISTRY[name]
+
+
+def router_config_class(name: str) -> type:
+    """The config dataclass of a registered router (no megatron import); ConfigError otherwise."""
+    _known(name)
+    return _OPTIONS[name][0]
+
+
+def router_entry(name: str) -> tuple[type, type]:
+    """(router class, config dataclass) for a registered name; ConfigError otherwise.
+
+    Imports the router's module (and so megatron-core) on first use.
+    """
+    _known(name)
+    config_cls, module, _ = _OPTIONS[name]
+    if name not in _CLASSES:
+        importlib.import_module(module)
+    if name not in _CLASSES:
+        raise ValueError(f"router '{name}': {module} defines no class registered under that name")
+    return _CLASSES[name], config_cls
 
 
 def router_config_for(cfg):
@@ -51,7 +103,7 @@ def router_config_for(cfg):
     from megasmoe.config import ConfigError, _build
 
     name = cfg.moe.router.name
-    cls, config_cls = router_entry(name)
+    config_cls = router_config_class(name)
     options = dict(cfg.moe.router.options)
     _refuse_other_routers_fields(name, config_cls, options)
     router_cfg = _build(config_cls, options, "moe.router.")
@@ -70,7 +122,7 @@ def _refuse_other_routers_fields(name: str, config_cls: type, options: dict) -> 
     for key in options:
         if key in own:
             continue
-        owners = [r for r, (_, c) in sorted(_REGISTRY.items()) if key in config_fields(c)]
+        owners = [r for r, (c, _, _) in sorted(_OPTIONS.items()) if key in config_fields(c)]
         if owners:
             raise ConfigError(
                 f"moe.router.{key} is a field of router {', '.join(owners)}, not of "

@@ -22,38 +22,16 @@ routine, which makes the choice arbitrary).
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from megasmoe.config import ConfigError
 from megasmoe.routers import functional as RF
-from megasmoe.routers.base import RouterConfigBase, SpecRouter
+from megasmoe.routers.base import SpecRouter
+from megasmoe.routers.options import SpectralConfig
 from megasmoe.routers.registry import register_router
 
 __all__ = ["SpectralConfig", "SpectralRouter", "expert_matrices"]
-
-
-@dataclass
-class SpectralConfig(RouterConfigBase):
-    """Fields of the ``spectral`` router (authors' defaults for LLMs)."""
-
-    c: float = 0.5
-    """Mixing weight of the spectral scores (0 = the learned router alone)."""
-    k_svd: int = 50
-    """Singular vectors averaged per expert matrix (authors: 50 LLMs, 5 CLIP)."""
-    normalize_topk: bool = True
-    """Renormalise the selected probabilities to sum to 1."""
-
-    def validate(self, cfg) -> None:
-        if not 0.0 <= self.c <= 1.0:
-            raise ConfigError(f"moe.router.c={self.c} must be in [0, 1]")
-        if self.k_svd < 1:
-            raise ConfigError("moe.router.k_svd must be >= 1")
-        if cfg.moe.grouped_gemm:
-            raise ConfigError("moe.router.name=spectral reads SequentialMLP expert weights; "
-                              "set moe.grouped_gemm=false")
 
 
 def _gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:

@@ -25,45 +25,16 @@ assume exactly moe.topk per token and are refused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from megasmoe.config import ConfigError
 from megasmoe.routers import functional as RF
-from megasmoe.routers.base import RouterConfigBase, SpecRouter
+from megasmoe.routers.base import SpecRouter
+from megasmoe.routers.options import UnifiedConfig
 from megasmoe.routers.registry import register_router
 
 __all__ = ["UnifiedConfig", "UnifiedRouter"]
-
-GROUPS = ("sequence", "micro_batch", "causal")
-
-
-@dataclass
-class UnifiedConfig(RouterConfigBase):
-    """Fields of the ``unified`` router (authors' defaults)."""
-
-    alpha: float = 0.5
-    """Weight of the sigmoid term in the unified score."""
-    group: str = "sequence"
-    """Token group of the cross-token top-k: sequence, micro_batch or causal."""
-
-    def validate(self, cfg) -> None:
-        if self.group not in GROUPS:
-            raise ConfigError(f"moe.router.group='{self.group}' is unknown; use "
-                              f"{', '.join(GROUPS)}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"moe.router.alpha={self.alpha} must be in [0, 1]")
-        if cfg.moe.dispatcher != "allgather":
-            raise ConfigError(
-                f"moe.router.name=unified gives a variable number of experts per token, which "
-                f"the {cfg.moe.dispatcher} dispatcher (dropless, exactly moe.topk per token) "
-                f"cannot take; set moe.dispatcher=allgather")
-        if cfg.parallel.cp > 1:
-            raise ConfigError("moe.router.name=unified needs whole sequences on a rank; "
-                              "set parallel.cp=1")
-
 
 @register_router("unified", UnifiedConfig)
 class UnifiedRouter(SpecRouter):

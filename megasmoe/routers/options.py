@@ -1,0 +1,246 @@
+"""Every router's fields (``moe.router.*``): light dataclasses, no torch or megatron.
+
+``megasmoe check``, ``megasmoe routers`` and config validation read a router's fields
+from here without importing its module (which builds on megatron-core and takes seconds
+to import); the router class itself is imported on first use through
+``megasmoe.routers.registry``. Each dataclass is registered with ``@router_options``:
+its router name, the module that holds the router class, and a one-line summary. A
+field's docstring is its documentation (``megasmoe config-reference``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from megasmoe.config import ConfigError
+from megasmoe.routers.registry import router_options
+
+__all__ = ["RouterConfigBase", "TopKConfig", "SigmoidBiasConfig", "XMoEConfig",
+           "StableMoEConfig", "SMoEDropoutConfig", "DomainSteerConfig", "HyperConfig",
+           "SpectralConfig", "UnifiedConfig", "read_steering_file", "UNIFIED_GROUPS"]
+
+UNIFIED_GROUPS = ("sequence", "micro_batch", "causal")
+"""Token groups of the ``unified`` router's cross-token top-k."""
+
+
+@dataclass
+class RouterConfigBase:
+    """Fields shared by all router configs (none yet); subclasses add their own."""
+
+    def transformer_config_overrides(self) -> dict:
+        """TransformerConfig fields this router needs set (e.g. score function)."""
+        return {}
+
+    def validate(self, cfg) -> None:
+        """Raise ConfigError for settings this router cannot run with."""
+
+
+@router_options("topk", "megasmoe.routers.topk",
+                "Softmax top-k router with megatron-core's aux losses (the SMoE baseline).")
+@dataclass
+class TopKConfig(RouterConfigBase):
+    """Fields of the ``topk`` router."""
+
+    score_function: str = "softmax"
+    """softmax or sigmoid scores."""
+    pre_softmax: bool = False
+    """true: top-k of softmax over all experts; false: softmax over the top-k logits."""
+    topk_scaling_factor: Optional[float] = None
+    """Multiply the selected probabilities by this factor; null = 1."""
+
+    def transformer_config_overrides(self) -> dict:
+        return {
+            "moe_router_score_function": self.score_function,
+            "moe_router_pre_softmax": self.pre_softmax,
+            "moe_router_topk_scaling_factor": self.topk_scaling_factor,
+        }
+
+    def validate(self, cfg) -> None:
+        if self.score_function not in ("softmax", "sigmoid"):
+            raise ConfigError(
+                f"moe.router.score_function='{self.score_function}' is unknown; use softmax or sigmoid"
+            )
+
+
+@router_options("sigmoid_bias", "megasmoe.routers.baselines",
+                "Sigmoid scores with aux-loss-free expert bias (DeepSeek-V3), megatron semantics.")
+@dataclass
+class SigmoidBiasConfig(RouterConfigBase):
+    """Fields of the ``sigmoid_bias`` router (DeepSeek-V3 defaults)."""
+
+    bias_update_rate: float = 1e-3
+    """Step of the expert-bias update (sign of the load error times this rate)."""
+    topk_scaling_factor: Optional[float] = None
+    """Multiply the (renormalised) selected scores by this factor; null = 1."""
+
+    def transformer_config_overrides(self) -> dict:
+        return {
+            "moe_router_score_function": "sigmoid",
+            "moe_router_enable_expert_bias": True,
+            "moe_router_bias_update_rate": self.bias_update_rate,
+            "moe_router_topk_scaling_factor": self.topk_scaling_factor,
+        }
+
+
+@router_options("xmoe", "megasmoe.routers.baselines",
+                "X-MoE gate: low-rank projection, cosine to normalised expert embeddings.")
+@dataclass
+class XMoEConfig(RouterConfigBase):
+    """Fields of the ``xmoe`` router (authors' defaults)."""
+
+    reduced_dim: int = 8
+    """Dimension of the low-rank routing space (W_red: d -> reduced_dim)."""
+    embedding_norm: float = 1.5
+    """Row norm the expert embeddings are rescaled to every forward."""
+    init_gain: float = 0.32
+    """Gain of the orthogonal init of the expert embeddings."""
+    balance_temperature: float = 0.3
+    """The balance loss uses softmax(g / balance_temperature)."""
+
+
+@router_options("stablemoe", "megasmoe.routers.baselines",
+                "StableMoE (stage 1) gate: x . normalize(M)^T.")
+@dataclass
+class StableMoEConfig(RouterConfigBase):
+    """Fields of the ``stablemoe`` router (authors' defaults)."""
+
+    init_gain: float = 0.32
+    """Gain of the orthogonal init of the expert embeddings (E x d)."""
+    balance_temperature: float = 0.3
+    """The balance loss uses softmax(g / balance_temperature)."""
+
+
+@router_options("smoe_dropout", "megasmoe.routers.baselines",
+                "Frozen random router; k grows linearly during training (SMoE-Dropout).")
+@dataclass
+class SMoEDropoutConfig(RouterConfigBase):
+    """Fields of the ``smoe_dropout`` router (authors: 8 -> 16 of 16 experts)."""
+
+    k_start: Optional[int] = None
+    """k at step 0; null = moe.topk."""
+    k_end: Optional[int] = None
+    """k at the last step; null = moe.num_experts."""
+    inference_k: Optional[int] = None
+    """k used in evaluation; null = moe.topk."""
+    schedule_steps: Optional[int] = None
+    """Steps over which k grows; null = train.steps."""
+
+    def validate(self, cfg) -> None:
+        E = cfg.moe.num_experts
+        self.k_start = self.k_start or cfg.moe.topk
+        self.k_end = self.k_end or E
+        self.inference_k = self.inference_k or cfg.moe.topk
+        self.schedule_steps = self.schedule_steps or cfg.train.steps
+        for name in ("k_start", "k_end", "inference_k"):
+            if not 1 <= getattr(self, name) <= E:
+                raise ConfigError(f"moe.router.{name}={getattr(self, name)} must be in "
+                                  f"[1, moe.num_experts={E}]")
+        if cfg.moe.aux_loss_type != "none":
+            raise ConfigError("moe.router.name=smoe_dropout freezes the router, so a balance "
+                              "loss cannot act on it; set moe.aux_loss_type=none")
+
+
+@router_options("domain_steer", "megasmoe.routers.domain_steer",
+                "Router logits plus a fixed per-layer steering bias, then megatron top-k.")
+@dataclass
+class DomainSteerConfig(RouterConfigBase):
+    """Fields of the ``domain_steer`` router (authors' defaults)."""
+
+    file: Optional[str] = None
+    """Steering file (JSON: mode, lambda, experts per layer); null = zero bias."""
+    mode: Optional[str] = None
+    """multiplicative (delta = log(1 + lambda)) or additive (delta = lambda); null = file's."""
+    strength: Optional[float] = None
+    """lambda; null = the file's (authors: 0.10)."""
+
+    def validate(self, cfg) -> None:
+        if self.file is not None:
+            steering = read_steering_file(self.file, cfg.model.num_layers, cfg.moe.num_experts)
+            self.mode = self.mode or steering["mode"]
+            self.strength = self.strength if self.strength is not None else steering["lambda"]
+        self.mode = self.mode or "multiplicative"
+        self.strength = 0.10 if self.strength is None else self.strength
+        if self.mode not in ("multiplicative", "additive"):
+            raise ConfigError(f"moe.router.mode='{self.mode}'; use multiplicative or additive")
+
+
+def read_steering_file(path: str, num_layers: int, num_experts: int) -> dict:
+    """Read and check a steering file; ConfigError naming the problem otherwise."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"moe.router.file='{path}': cannot read steering JSON ({e})") from None
+    experts = {}
+    for layer, ids in data.get("experts", {}).items():
+        layer = int(layer)
+        if not 0 <= layer < num_layers or any(not 0 <= i < num_experts for i in ids):
+            raise ConfigError(f"moe.router.file='{path}': layer {layer} / experts {ids} out of "
+                              f"range ({num_layers} layers, {num_experts} experts)")
+        experts[layer] = [int(i) for i in ids]
+    return {"mode": data.get("mode", "multiplicative"), "lambda": float(data.get("lambda", 0.1)),
+            "experts": experts}
+
+
+@router_options("hyper", "megasmoe.routers.hyper",
+                "HyperRouter: a frozen hypernetwork generates the gate from a trainable embedding.")
+@dataclass
+class HyperConfig(RouterConfigBase):
+    """Fields of the ``hyper`` router (authors' defaults)."""
+
+    embedding_dim: Optional[int] = None
+    """d_e, size of the trainable per-layer embedding; null = hidden size (authors)."""
+    hypernet_hidden: int = 64
+    """Hidden width h of the frozen hypernetwork (authors: 64 small, 256 larger models)."""
+
+
+@router_options("spectral", "megasmoe.routers.spectral",
+                "SSMoE: mix the learned router with scores from the experts' singular vectors.")
+@dataclass
+class SpectralConfig(RouterConfigBase):
+    """Fields of the ``spectral`` router (authors' defaults for LLMs)."""
+
+    c: float = 0.5
+    """Mixing weight of the spectral scores (0 = the learned router alone)."""
+    k_svd: int = 50
+    """Singular vectors averaged per expert matrix (authors: 50 LLMs, 5 CLIP)."""
+    normalize_topk: bool = True
+    """Renormalise the selected probabilities to sum to 1."""
+
+    def validate(self, cfg) -> None:
+        if not 0.0 <= self.c <= 1.0:
+            raise ConfigError(f"moe.router.c={self.c} must be in [0, 1]")
+        if self.k_svd < 1:
+            raise ConfigError("moe.router.k_svd must be >= 1")
+        if cfg.moe.grouped_gemm:
+            raise ConfigError("moe.router.name=spectral reads SequentialMLP expert weights; "
+                              "set moe.grouped_gemm=false")
+
+
+@router_options("unified", "megasmoe.routers.unified",
+                "USMoE: unified softmax/sigmoid score, top N k (token, expert) pairs per group.")
+@dataclass
+class UnifiedConfig(RouterConfigBase):
+    """Fields of the ``unified`` router (authors' defaults)."""
+
+    alpha: float = 0.5
+    """Weight of the sigmoid term in the unified score."""
+    group: str = "sequence"
+    """Token group of the cross-token top-k: sequence, micro_batch or causal."""
+
+    def validate(self, cfg) -> None:
+        if self.group not in UNIFIED_GROUPS:
+            raise ConfigError(f"moe.router.group='{self.group}' is unknown; use "
+                              f"{', '.join(UNIFIED_GROUPS)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"moe.router.alpha={self.alpha} must be in [0, 1]")
+        if cfg.moe.dispatcher != "allgather":
+            raise ConfigError(
+                f"moe.router.name=unified gives a variable number of experts per token, which "
+                f"the {cfg.moe.dispatcher} dispatcher (dropless, exactly moe.topk per token) "
+                f"cannot take; set moe.dispatcher=allgather")
+        if cfg.parallel.cp > 1:
+            raise ConfigError("moe.router.name=unified needs whole sequences on a rank; "
+                              "set parallel.cp=1")
