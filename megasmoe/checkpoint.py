@@ -16,8 +16,16 @@ writes ``megasmoe.json`` (step, data position, config, versions, layout, and a m
 of every file with its size), fsyncs, renames the directory to its final name and only
 then moves ``latest``. A crash at any point leaves the previous checkpoint and
 ``latest`` untouched. On resume a checkpoint whose manifest does not match the files
-on disk (truncated or missing files) is skipped in favour of the newest complete one,
-with a warning naming both.
+on disk (truncated or missing files, unreadable metadata) is skipped in favour of the
+newest complete one, with a warning naming both. A save that fails removes its
+``.tmp`` directory; whatever a killed save leaves is removed by the next save or resume.
+
+Signals: SLURM delivers the time-limit SIGUSR1 (and scancel's SIGTERM) to every process
+of a job step. megatron's writer starts helper processes during a save (a spawned
+``multiprocessing`` Manager that serves its results queue and lives on, forked
+writers); a spawned process does not inherit Python's handlers, so the signal killed the
+Manager and the next save died with BrokenPipeError. Saves therefore start them with
+those signals blocked (see ``_helpers_ignore_stop_signals``).
 
 What is saved: model (router buffers such as the expert bias included), optimizer,
 LR scheduler, every rank's RNG states (Python, NumPy, torch CPU/CUDA and megatron's
@@ -35,6 +43,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +69,8 @@ __all__ = [
     "MODEL_SHAPE_FIELDS",
     "check_resume_compatible",
     "read_latest",
+    "remove_leftovers",
+    "STOP_SIGNALS",
 ]
 
 # Keys of chained (dense + expert) optimizers must not depend on the layout, and the
@@ -70,6 +82,14 @@ SHARDING_METADATA = {
 META_FILE = "megasmoe.json"
 LATEST = "latest"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
+_TMP_RE = re.compile(r"^iter_\d{7}\.tmp$")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+"""The signals that make the trainer checkpoint and exit (what SLURM sends a job step)."""
+
+# Temporary directories of asynchronous saves still being written by this process:
+# remove_leftovers must not delete them.
+_IN_FLIGHT: set[str] = set()
 
 # Fields whose change makes a checkpoint incompatible with the model being built.
 MODEL_SHAPE_FIELDS = (
@@ -133,7 +153,8 @@ def _manifest(ckpt_dir: Path) -> dict[str, int]:
 
 
 def verify_checkpoint(ckpt_dir: Path) -> Optional[str]:
-    """None if complete, else the reason (missing meta, missing or truncated file)."""
+    """None if complete, else the reason (missing meta, missing or truncated file,
+    unreadable megatron metadata)."""
     try:
         meta = read_meta(ckpt_dir)
     except CheckpointError as e:
@@ -144,6 +165,35 @@ def verify_checkpoint(ckpt_dir: Path) -> Optional[str]:
             return f"{path} is missing"
         if path.stat().st_size != size:
             return f"{path} has {path.stat().st_size} bytes, expected {size} (truncated)"
+    return metadata_problem(ckpt_dir)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def metadata_problem(ckpt_dir: Path) -> Optional[str]:
+    """None if megatron's metadata files of a checkpoint can be read, else the reason.
+
+    Reads ``.metadata`` (torch_dist's pickled index of every tensor chunk) and
+    ``metadata.json``: a corrupt one would otherwise fail every rank's load (or
+    ``inspect``) with a raw UnpicklingError traceback. Files that are absent are left to
+    the manifest check.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / ".metadata").is_file():
+        try:
+            FileSystemReader(str(ckpt_dir)).read_metadata()
+        except Exception as e:  # any unpickling error: the file is not usable
+            return f"{ckpt_dir / '.metadata'} is unreadable ({_one_line(e)})"
+    if (ckpt_dir / "metadata.json").is_file():
+        try:
+            json.loads((ckpt_dir / "metadata.json").read_text())
+        except (OSError, ValueError) as e:
+            return f"{ckpt_dir / 'metadata.json'} is unreadable ({_one_line(e)})"
     return None
 
 
@@ -397,13 +447,15 @@ def save_checkpoint(trainer, root: Path, keep_last: int, keep_every: int = 0,
     tmp = final.with_name(final.name + ".tmp")
     if dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # a previous crash mid-save
+        remove_leftovers(root)  # of saves that crashed or were killed, this one's included
         tmp.mkdir()
     dist.barrier()
     save_strategy, _ = _strategies(trainer)
     state = build_sharded_state_dict(trainer, is_loading=False)
-    state["progress"] = {"step": step, "consumed_samples": trainer.consumed_samples}
+    # log_window: the losses since the last train/loss log (the same on every rank), so
+    # a mid-interval resume logs the same average as an uninterrupted run.
+    state["progress"] = {"step": step, "consumed_samples": trainer.consumed_samples,
+                         "log_window": list(getattr(trainer, "log_window", []))}
     meta = {
         "step": step,
         "consumed_samples": trainer.consumed_samples,
@@ -414,19 +466,126 @@ def save_checkpoint(trainer, root: Path, keep_last: int, keep_every: int = 0,
     }
 
     def finalize() -> None:
+        _IN_FLIGHT.discard(str(tmp))
         if dist.get_rank() == 0:
-            _publish(tmp, final, root, meta, keep_last)
+            try:
+                _publish(tmp, final, root, meta, keep_last)
+            except BaseException:
+                _abandon(tmp)
+                raise
 
-    request = dist_checkpointing.save(state, str(tmp), sharded_strategy=save_strategy,
-                                      async_sharded_save=async_queue is not None)
-    if async_queue is not None:
-        request.add_finalize_fn(finalize)
-        async_queue.schedule_async_request(request)
-        return final
-    dist.barrier()
-    finalize()
+    try:
+        with _helpers_ignore_stop_signals():
+            request = dist_checkpointing.save(state, str(tmp), sharded_strategy=save_strategy,
+                                              async_sharded_save=async_queue is not None)
+            if async_queue is not None:
+                request.add_finalize_fn(finalize)
+                _IN_FLIGHT.add(str(tmp))
+                async_queue.schedule_async_request(request)  # forks the background writer
+                return final
+        dist.barrier()
+        finalize()
+    except BaseException:
+        # The save is lost on every rank (the others fail in the next collective); rank 0
+        # has not renamed it, so only this save's own directory goes.
+        _IN_FLIGHT.discard(str(tmp))
+        _abandon(tmp)
+        raise
     dist.barrier()
     return final
+
+
+@contextlib.contextmanager
+def _helpers_ignore_stop_signals():
+    """Start megatron's save helper processes with SIGTERM/SIGUSR1 blocked.
+
+    SLURM delivers the time-limit SIGUSR1 (and scancel's SIGTERM) to every process of the
+    job step, not only to the trainer. megatron-core 0.16.1's torch_dist writer
+    (``FileSystemWriterAsync``) keeps its results queue in a ``multiprocessing`` Manager
+    started with the *spawn* context at the first save and reused by every later one; a
+    spawned process does not inherit Python's signal handlers, so the signal killed it,
+    and the next save died on both ranks with BrokenPipeError (``queue.put``) and left its
+    ``.tmp`` directory behind. The signal mask, unlike handlers, survives fork and exec:
+    processes started while it is blocked here (the Manager, the forked writers, the
+    async writer) never act on these signals. The trainer's own process still gets them:
+    another thread takes the signal or it is delivered when the mask is restored, and its
+    handler only sets a flag.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        # Python starts its resource tracker on first use and then *unblocks* SIGINT and
+        # SIGTERM in the caller: start it now (it keeps SIGUSR1 blocked), then block again.
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        _start_results_queue()
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _start_results_queue() -> None:
+    """Start the results queue of megatron's torch_dist writer ourselves, once per process.
+
+    megatron-core 0.16.1 creates it lazily (``filesystem_async._get_write_results_queue``:
+    ``get_context("spawn").Manager().Queue()``, kept in a module global). Its Manager
+    process outlives a worker that is killed (SIGKILL, or dying with its launcher), and,
+    started with the stop signals blocked, could then only be SIGKILLed. This one is the
+    same kind of queue from a Manager that ignores the stop signals and is killed when
+    its worker dies (``_results_queue_server_init``). Another megatron version (no such
+    global) is left to itself.
+    """
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=_results_queue_server_init, initargs=(os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+
+
+def _results_queue_server_init(worker_pid: int) -> None:
+    """In the results queue's Manager process: ignore the stop signals, die with the worker."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != worker_pid:  # the worker died before prctl took effect
+        os._exit(1)
+
+
+def _abandon(tmp: Path) -> None:
+    """Remove the directory of a save that failed (best effort: what stays behind, e.g.
+    files another rank is still writing, is removed by the next save)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_leftovers(root: Path) -> list[Path]:
+    """Delete ``iter_*.tmp`` directories under ``root`` (saves that failed or were
+    killed), except asynchronous saves this process is still writing. Rank 0 of the run
+    that owns ``root`` calls it, at every save and at resume. Returns what it removed."""
+    root = Path(root)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for child in sorted(root.iterdir()):
+        if _TMP_RE.match(child.name) and child.is_dir() and str(child) not in _IN_FLIGHT:
+            shutil.rmtree(child, ignore_errors=True)
+            print(f"megasmoe: removed {child}, left by an unfinished save", file=sys.stderr,
+                  flush=True)
+            removed.append(child)
+    return removed
 
 
 def _publish(tmp: Path, final: Path, root: Path, meta: dict, keep_last: int) -> None:
@@ -434,12 +593,43 @@ def _publish(tmp: Path, final: Path, root: Path, meta: dict, keep_last: int) -> 
     _fsync_tree(tmp)
     meta = {**meta, "manifest": _manifest(tmp)}
     _atomic_write(tmp / META_FILE, json.dumps(meta, indent=1, default=str))
-    if final.exists():  # re-saving the same step (e.g. a signal right after a save)
-        shutil.rmtree(final)
-    tmp.rename(final)
+    replace_dir(tmp, final)
     _fsync_dir(root)
     _atomic_write(root / LATEST, final.name)
     prune_checkpoints(root, keep_last)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Put directory ``new`` at ``final``; an existing ``final`` is replaced atomically.
+
+    Re-saving a step (a signal right after a save, or a run resumed from an older
+    step) must not leave a moment where ``latest`` names a missing directory: the two
+    are exchanged in one rename and the old one, now at ``new``, deleted after. Where
+    the kernel cannot exchange, the old one is renamed aside first (a short window).
+    """
+    if not final.exists():
+        new.rename(final)
+        return
+    if _exchange(new, final):
+        shutil.rmtree(new)
+        return
+    aside = final.with_name(final.name + ".old.tmp")  # a leftover *.tmp is cleaned later
+    final.rename(aside)
+    new.rename(final)
+    shutil.rmtree(aside)
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
@@ -588,7 +778,11 @@ def load_checkpoint(trainer, ckpt_dir: Path) -> Resumed:
     chunks = trainer.unwrapped
     check_model_tensors([state[_model_key(i, len(chunks))] for i in range(len(chunks))],
                         ckpt_dir, meta, trainer.cfg)
-    loaded = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=load_strategy)
+    own_root = getattr(trainer, "ckpt_root", None)
+    if dist.get_rank() == 0 and own_root is not None and ckpt_dir.parent == Path(own_root):
+        remove_leftovers(own_root)  # resuming its own run: no save of it is under way
+    with _no_sharded_tensor_deprecation():
+        loaded = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=load_strategy)
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)
     with _distributed_optimizer_step_fix():
@@ -600,24 +794,64 @@ def load_checkpoint(trainer, ckpt_dir: Path) -> Resumed:
     progress = loaded["progress"]
     trainer.step = int(progress["step"])
     trainer.consumed_samples = int(progress["consumed_samples"])
+    trainer.log_window = [float(x) for x in progress.get("log_window", [])]
     return Resumed(ckpt_dir, trainer.step, trainer.consumed_samples, same_layout)
+
+
+@contextlib.contextmanager
+def _no_sharded_tensor_deprecation():
+    """Silence torch's "Please use DTensor instead and we are deprecating ShardedTensor"
+    FutureWarning during a load.
+
+    megatron-core 0.16.1's torch_dist load builds torch ShardedTensors (torch 2.13 marks
+    their ``__torch_function__`` deprecated), so every rank printed it on every resume;
+    the user can do nothing about it. Only this message, only around the load.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*deprecating ShardedTensor",
+                                category=FutureWarning)
+        yield
 
 
 # ---------------------------------------------------------------------------- inspect
 
 
-def resolve_checkpoint_path(path: Path) -> Path:
-    """A checkpoint dir from a run dir, a checkpoints dir or an iteration dir."""
+def _inspection_target(path: Path) -> tuple[Path, Optional[Path], list[str]]:
+    """(checkpoint to inspect, its checkpoints root or None, problems found on the way).
+
+    An iteration directory is inspected as given. For a run or checkpoints directory it is
+    the newest checkpoint, the one ``latest`` names (else the newest ``iter_*``), broken
+    or not: inspecting the older one a resume falls back to would hide the breakage.
+    """
     path = Path(path)
-    if (path / META_FILE).is_file():
-        return path
+    is_iteration = _ITER_RE.match(path.name) and path.is_dir()
+    if is_iteration or (path / META_FILE).is_file() or (path / ".metadata").is_file():
+        root = path.parent if (path.parent / LATEST).exists() else None
+        return path, root, []
     for root in (path, checkpoint_root(path)):
-        if (root / LATEST).exists() or list_checkpoints(root):
-            found = find_resume_checkpoint(root)
-            if found is not None:
-                return found
-    raise CheckpointError(f"{path}: no complete megasmoe checkpoint found (looked for "
-                          f"{META_FILE}, checkpoints/latest, iter_* directories)")
+        marker = root / LATEST
+        found = list_checkpoints(root)
+        if not (marker.exists() or found):
+            continue
+        latest = read_latest(root)
+        if latest is not None and latest.is_dir():
+            return latest, root, []
+        if not marker.exists():
+            return found[-1][1], root, []
+        problem = (f"{marker} names {latest.name}, which does not exist" if latest is not None
+                   else f"{marker} does not name a checkpoint ({_read_text(marker)!r})")
+        if not found:
+            raise CheckpointError(f"{problem}, and {root} holds no iter_* directory")
+        return found[-1][1], root, [problem]  # the newest directory, and the marker's problem
+    raise CheckpointError(f"{path}: no megasmoe checkpoint found (looked for {META_FILE}, "
+                          f"checkpoints/latest, iter_* directories)")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()[:40]
+    except OSError as e:
+        return _one_line(e)
 
 
 def expert_layout_problems(ckpt_dir: Path) -> list[str]:
@@ -672,7 +906,8 @@ def load_full_tensors(ckpt_dir: Path) -> dict:
     platform.activate()
     started = _ensure_single_process_group()
     try:
-        return dist_checkpointing.load_plain_tensors(str(ckpt_dir))
+        with _no_sharded_tensor_deprecation():
+            return dist_checkpointing.load_plain_tensors(str(ckpt_dir))
     finally:
         if started:
             dist.destroy_process_group()
@@ -681,28 +916,51 @@ def load_full_tensors(ckpt_dir: Path) -> dict:
 def inspect_checkpoint(path: Path, check_values: bool = True) -> dict:
     """Summary and integrity report of a checkpoint (see ``megasmoe checkpoint inspect``).
 
-    Returns {"path", "meta", "tensors": {key: (shape, dtype)}, "problems": [...]}.
-    Problems: incomplete files, an expert stored twice or missing, NaN/Inf values.
+    ``path``: an iteration directory, or a run / checkpoints directory (then its newest
+    checkpoint). Returns {"path", "meta" (None if unreadable), "tensors": {key: (shape,
+    dtype)}, "problems": [...], "loadable", "root", "resume", "leftovers"}. Problems:
+    missing or truncated files, unreadable metadata, an expert stored twice or missing,
+    NaN/Inf values; each is one line, nothing raises for a damaged checkpoint. When there
+    are problems and the checkpoint belongs to a run, "resume" is the checkpoint a resume
+    would load instead (None: none is complete).
     """
     from megatron.core import dist_checkpointing
 
-    ckpt_dir = resolve_checkpoint_path(path)
-    problems = []
+    ckpt_dir, root, problems = _inspection_target(path)
     incomplete = verify_checkpoint(ckpt_dir)
     if incomplete:
         problems.append(incomplete)
-    meta = read_meta(ckpt_dir)
-    problems += expert_layout_problems(ckpt_dir)
+    try:
+        meta = read_meta(ckpt_dir)
+    except CheckpointError:
+        meta = None  # verify_checkpoint has said why
     tensors = {}
-    for key, sh in dist_checkpointing.load_tensors_metadata(str(ckpt_dir)).items():
-        tensors[key] = (tuple(sh.global_shape), str(sh.dtype).replace("torch.", ""))
-    if check_values and not incomplete:  # a truncated file cannot be read back at all
-        for key, value in _flatten(load_full_tensors(ckpt_dir)):
-            if torch.is_tensor(value) and value.is_floating_point():
-                bad = (~torch.isfinite(value)).sum().item()
-                if bad:
-                    problems.append(f"{key}: {bad} NaN/Inf values")
-    return {"path": ckpt_dir, "meta": meta, "tensors": tensors, "problems": problems}
+    unreadable = metadata_problem(ckpt_dir)
+    if unreadable and unreadable != incomplete:
+        problems.append(unreadable)
+    if not unreadable:
+        problems += expert_layout_problems(ckpt_dir)
+        for key, sh in dist_checkpointing.load_tensors_metadata(str(ckpt_dir)).items():
+            tensors[key] = (tuple(sh.global_shape), str(sh.dtype).replace("torch.", ""))
+    loadable = incomplete is None
+    if check_values and not problems:  # a damaged checkpoint cannot be read back at all
+        try:
+            for key, value in _flatten(load_full_tensors(ckpt_dir)):
+                if torch.is_tensor(value) and value.is_floating_point():
+                    bad = (~torch.isfinite(value)).sum().item()
+                    if bad:
+                        problems.append(f"{key}: {bad} NaN/Inf values")
+        except Exception as e:  # e.g. a shard damaged in place (same size)
+            problems.append(f"{ckpt_dir}: the tensors cannot be read ({_one_line(e)})")
+            loadable = False
+    resume = None
+    if problems and root is not None:
+        with warnings.catch_warnings():  # the report says it, once
+            warnings.simplefilter("ignore")
+            resume = find_resume_checkpoint(root)
+    leftovers = sorted(d for d in root.iterdir() if _TMP_RE.match(d.name)) if root else []
+    return {"path": ckpt_dir, "meta": meta, "tensors": tensors, "problems": problems,
+            "loadable": loadable, "root": root, "resume": resume, "leftovers": leftovers}
 
 
 def _flatten(tree, prefix=""):
@@ -717,26 +975,57 @@ def _flatten(tree, prefix=""):
 
 
 def format_inspection(report: dict, all_tensors: bool = False) -> str:
-    """The human-readable text of ``inspect_checkpoint``."""
-    meta, cfg = report["meta"], report["meta"]["config"]
-    m, e, lay = cfg["model"], cfg["moe"], meta["layout"]
-    lines = [
-        f"checkpoint {report['path']}",
-        f"  step {meta['step']}, consumed samples {meta['consumed_samples']}",
-        f"  versions {meta['versions']}",
-        f"  layout tp={lay['tp']} pp={lay['pp']} ep={lay['ep']} dp={lay['dp']} "
-        f"world={lay['world_size']} distributed_optimizer={lay['distributed_optimizer']}",
-        f"  model layers={m['num_layers']} hidden={m['hidden_size']} heads={m['num_heads']} "
-        f"vocab={m['vocab_size']}; moe experts={e['num_experts']} topk={e['topk']} "
-        f"router={e['router']['name']}",
-        "  tensors (global shapes):",
-    ]
-    for key, (shape, dtype) in sorted(report["tensors"].items()):
-        if all_tensors or not key.startswith("optimizer."):
-            lines.append(f"    {key}: {list(shape)} {dtype}")
-    if report["problems"]:
-        lines.append("PROBLEMS:")
-        lines += [f"  - {p}" for p in report["problems"]]
-    else:
+    """The human-readable text of ``inspect_checkpoint``; its last line is the verdict
+    ("ok: ..." or "FAIL: ..." naming the checkpoint, its first problem and, for a run,
+    the checkpoint a resume would use)."""
+    meta, path = report["meta"], report["path"]
+    lines = [f"checkpoint {path}"]
+    if meta is not None:
+        cfg = meta.get("config", {})
+        m, e, lay = cfg.get("model", {}), cfg.get("moe", {}), meta.get("layout", {})
+        lines += [
+            f"  step {meta.get('step')}, consumed samples {meta.get('consumed_samples')}",
+            f"  versions {meta.get('versions')}",
+            f"  layout tp={lay.get('tp')} pp={lay.get('pp')} ep={lay.get('ep')} "
+            f"dp={lay.get('dp')} world={lay.get('world_size')} "
+            f"distributed_optimizer={lay.get('distributed_optimizer')}",
+            f"  model layers={m.get('num_layers')} hidden={m.get('hidden_size')} "
+            f"heads={m.get('num_heads')} vocab={m.get('vocab_size')}; moe "
+            f"experts={e.get('num_experts')} topk={e.get('topk')} "
+            f"router={e.get('router', {}).get('name')}",
+        ]
+    if report["tensors"]:
+        lines.append("  tensors (global shapes):")
+        for key, (shape, dtype) in sorted(report["tensors"].items()):
+            if all_tensors or not key.startswith("optimizer."):
+                lines.append(f"    {key}: {list(shape)} {dtype}")
+    for d in report.get("leftovers", []):
+        lines.append(f"  note: {d.name} is left by an unfinished save (resume ignores it; "
+                     f"the next save or resume removes it)")
+    problems = report["problems"]
+    if not problems:
         lines.append("ok: files complete, every expert stored once, no NaN/Inf")
+        return "\n".join(lines)
+    lines.append("PROBLEMS:")
+    lines += [f"  - {p}" for p in problems]
+    lines.append(_verdict(report))
     return "\n".join(lines)
+
+
+def _verdict(report: dict) -> str:
+    """One line: which checkpoint is broken, why, and what a resume would do instead."""
+    path, problems, root = report["path"], report["problems"], report.get("root")
+    more = f" (+{len(problems) - 1} more above)" if len(problems) > 1 else ""
+    state = "is broken" if not report.get("loadable") else "has problems"
+    head = f"FAIL: checkpoint {path} {state}: {problems[0]}{more}"
+    if root is None:
+        return head
+    resume = report.get("resume")
+    if resume is None:
+        return head + "; a resume finds no complete checkpoint and would start from step 0"
+    if resume != path:
+        return head + f"; a resume would use {resume} instead"
+    if report.get("loadable"):
+        return head + "; a resume would still load it"
+    return head + ("; a resume would still pick it and fail: set checkpoint.resume_step to "
+                   "an older step")

@@ -550,12 +550,20 @@ def test_sigterm_saves_at_step_boundary_and_exits_75(tmp_path):
 
 
 def fake_checkpoint(root: Path, step: int, permanent: bool = False) -> Path:
-    """A final-named checkpoint dir with two data files and a matching megasmoe.json."""
+    """A final-named checkpoint dir with two data files and a matching megasmoe.json.
+
+    Its ``.metadata`` is a real (empty) torch_dist index: verify_checkpoint reads it.
+    """
+    import pickle
+
+    from torch.distributed.checkpoint.metadata import Metadata
+
     d = ckpt.iteration_dir(root, step)
     d.mkdir(parents=True)
     (d / "__0_0.distcp").write_bytes(b"x" * (100 + step))
-    (d / ".metadata").write_bytes(b"m" * 10)
-    manifest = {"__0_0.distcp": 100 + step, ".metadata": 10}
+    index = pickle.dumps(Metadata(state_dict_metadata={}))
+    (d / ".metadata").write_bytes(index)
+    manifest = {"__0_0.distcp": 100 + step, ".metadata": len(index)}
     (d / ckpt.META_FILE).write_text(json.dumps(
         {"step": step, "permanent": permanent, "manifest": manifest}))
     return d
@@ -575,6 +583,12 @@ def test_verify_checkpoint(tmp_path):
     e = fake_checkpoint(tmp_path, 20)
     (e / ckpt.META_FILE).unlink()
     assert ckpt.META_FILE in ckpt.verify_checkpoint(e)
+    # Damaged in place (same size, so the manifest matches): unreadable, in one line.
+    f = fake_checkpoint(tmp_path, 30)
+    (f / ".metadata").write_bytes(b"m" * (f / ".metadata").stat().st_size)
+    problem = ckpt.verify_checkpoint(f)
+    assert problem.startswith(f"{f / '.metadata'} is unreadable (UnpicklingError") and \
+        "\n" not in problem, problem
 
 
 def test_find_resume_checkpoint(tmp_path):
