@@ -47,7 +47,12 @@
 # node if not the tasks per node), MEGASMOE_SRUN_ARGS (extra srun options, e.g. pyxis
 # --container-image=...), MEGASMOE_PYTHON (python command for the helpers here),
 # MEGASMOE_NO_REQUEUE=1 (checkpoint but do not requeue), MEGASMOE_LAUNCH=local (ignore
-# SLURM: plain local torchrun), MEGASMOE_ROOT (repository root).
+# SLURM: plain local torchrun), MEGASMOE_ROOT (repository root). This script sets
+# MEGASMOE_CALLER_DIR: the directory relative paths in the arguments are relative to.
+#
+# A run directory another live job trains in is refused before torchrun starts (one
+# line naming the holder, exit 2); a lock left by a dead job is taken over (a requeued
+# job takes over its own). Killing torchrun kills its workers.
 set -euo pipefail
 
 # Under sbatch the script runs from a spool copy: find the repository.
@@ -64,14 +69,25 @@ if [ ! -f "$root/megasmoe/launch.py" ]; then
     exit 2
 fi
 
-config="configs/tiny-cpu.yaml"
+# Where the user ran the command from: relative paths they give (config file, run.dir,
+# data paths) are relative to it, not to the repository this script changes into.
+# Under sbatch this script runs from a spool copy; sbatch was run in SLURM_SUBMIT_DIR.
+if [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${SLURM_SUBMIT_DIR:-}" ] \
+        && [ "$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" != "$root" ]; then
+    MEGASMOE_CALLER_DIR="$SLURM_SUBMIT_DIR"
+else
+    MEGASMOE_CALLER_DIR="$PWD"
+fi
+export MEGASMOE_CALLER_DIR   # read by megasmoe.config; inherited by srun steps and workers
+
+config="configs/tiny-cpu.yaml"   # the default everywhere (megasmoe launch too)
 if [ $# -gt 0 ] && [[ "$1" == *.yaml || "$1" == *.yml ]]; then
     config="$1"
     shift
-fi
-# A relative config path is relative to where sbatch was run, else to the repository.
-if [[ "$config" != /* ]] && [ -n "${SLURM_SUBMIT_DIR:-}" ] && [ -f "$SLURM_SUBMIT_DIR/$config" ]; then
-    config="$SLURM_SUBMIT_DIR/$config"
+    # A relative config path: the caller's directory first, else the repository.
+    if [[ "$config" != /* ]] && [ -f "$MEGASMOE_CALLER_DIR/$config" ]; then
+        config="$MEGASMOE_CALLER_DIR/$config"
+    fi
 fi
 cd "$root"
 
@@ -89,7 +105,9 @@ if [ -z "${SLURM_JOB_ID:-}" ] || [ "${MEGASMOE_LAUNCH:-}" = local ] || ! command
     # Validate before anything starts; prints the world size (or a one-line config error).
     nproc="$("$bin/python" -m megasmoe.cli world-size "$config" "$@")"
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}"
-    exec "$bin/torchrun" --standalone --nproc-per-node="$nproc" \
+    # exec keeps this pid: the workers check that torchrun (their parent) is still this
+    # process when they ask to die with it (megasmoe.training.lifecycle).
+    MEGASMOE_LAUNCHER_PID=$$ exec "$bin/torchrun" --standalone --nproc-per-node="$nproc" \
         -m megasmoe.cli pretrain "$config" "$@"
 fi
 

@@ -5,7 +5,8 @@
     python -m megasmoe.launch preflight CONFIG [key=value ...]      checks; exit 2 on a problem
     python -m megasmoe.launch run-dir CONFIG [key=value ...]        print the run directory
 
-Options go before CONFIG. Inside an allocation the plan follows SLURM's environment:
+Options go before CONFIG (default: the repository's configs/tiny-cpu.yaml, as for
+launch/pretrain.sh). Inside an allocation the plan follows SLURM's environment:
 nodes from ``SLURM_JOB_NUM_NODES``, hosts from ``SLURM_JOB_NODELIST`` (the first is the
 head: rendezvous host), processes per node from the tasks per node
 (``SLURM_TASKS_PER_NODE``: one SLURM task per training process, like one per GPU), the
@@ -71,6 +72,7 @@ __all__ = [
     "srun_extra_args",
     "srun_task_env",
     "add_subcommand",
+    "default_config",
     "main",
 ]
 
@@ -87,6 +89,9 @@ SHUTDOWN_TIMEOUT_S = 600
 """How long torchrun waits for workers to checkpoint after a signal before SIGKILL."""
 
 PORT_BASE, PORT_SPAN = 20000, 20000
+
+DEFAULT_CONFIG = "configs/tiny-cpu.yaml"
+"""The config when none is given, relative to the repository (as in launch/pretrain.sh)."""
 
 
 class LaunchError(RuntimeError):
@@ -721,14 +726,16 @@ def _compare_nodes(mine: dict, infos: list[dict], token: str, lp: LaunchPlan,
 
 
 def preflight(config: Optional[str], overrides: Sequence[str], env: Mapping[str, str],
-              node_check: bool = True, **kwargs) -> LaunchPlan:
+              node_check: bool = True, check_lock: bool = True, **kwargs) -> LaunchPlan:
     """All checks before training; returns the plan. Raises ConfigError or LaunchError.
 
     The config must validate with the allocation's process count as its world size (so
-    the parallel layout fits nodes x processes per node); GPUs, when SLURM allocated
-    them, must cover the processes per node; the launcher must exist; and (with
-    ``node_check``) every node must see the same code, config, data and run directory
-    and have the backend (see ``check_nodes``).
+    the parallel layout fits nodes x processes per node); no other live job may hold
+    the run directory (with ``check_lock``; a requeued job passes its own lock, see
+    ``megasmoe.training.lifecycle``); GPUs, when SLURM allocated them, must cover the
+    processes per node; the launcher must exist; and (with ``node_check``) every node
+    must see the same code, config, data and run directory and have the backend (see
+    ``check_nodes``).
     """
     from megasmoe.config import ConfigError, validate
 
@@ -750,6 +757,10 @@ def preflight(config: Optional[str], overrides: Sequence[str], env: Mapping[str,
         validate(cfg, a.world_size)
     except ConfigError as e:
         raise ConfigError(f"{e} (allocation: {a.describe()})") from None
+    if check_lock:
+        from megasmoe.training.runlock import check_run_lock
+
+        check_run_lock(cfg.run.path, env)
     from megasmoe.checkpoint import check_resume_compatible
 
     check_resume_compatible(cfg)
@@ -822,6 +833,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         f"config; then dotted overrides")
 
 
+def default_config() -> Optional[str]:
+    """The repository's DEFAULT_CONFIG as an absolute path (None if it is not there)."""
+    path = Path(__file__).resolve().parents[1] / DEFAULT_CONFIG
+    return str(path) if path.is_file() else None
+
+
 def _split(args) -> tuple[Optional[str], Optional[str], list[str]]:
     rest = list(args.args)
     action = rest.pop(0) if rest and rest[0] in ACTIONS else None
@@ -854,6 +871,8 @@ def _handle(args) -> int:
     _quiet()
 
     action, config, overrides = _split(args)
+    if config is None and action not in ("node-info", "srun-task"):
+        config = default_config()  # the job `sbatch launch/pretrain.sh` runs without one
     alloc_kw = dict(launcher=args.launcher, nodes=args.nodes,
                     nproc_per_node=args.nproc_per_node, nodelist=args.nodelist,
                     job_id=args.job_id)
@@ -879,7 +898,9 @@ def _handle(args) -> int:
                 default_nproc = ws // nodes if ws and ws % nodes == 0 else None
             print(format_plan(build_plan(config, overrides, os.environ,
                                          default_nproc=default_nproc, **alloc_kw)), flush=True)
-            preflight(config, overrides, os.environ, node_check=False, **alloc_kw)
+            # The lock is the state of the moment, not part of the plan: not checked here.
+            preflight(config, overrides, os.environ, node_check=False, check_lock=False,
+                      **alloc_kw)
             return 0
         if action == "preflight":
             lp = preflight(config, overrides, os.environ, node_check=not args.no_node_check,

@@ -216,6 +216,42 @@ def test_layout_that_does_not_fit_fails_before_training(cluster, tmp_path, bad, 
     assert time.mktime(end) - time.mktime(start) < 60, info
 
 
+def test_run_dir_in_use_is_refused_by_the_preflight(cluster, tmp_path):
+    """Submitted from another directory with a relative config and run.dir (found there:
+    MEGASMOE_CALLER_DIR) whose run directory a live process holds: FAILED with exit 2
+    and one line naming the holder, before any training."""
+    import socket
+
+    (tmp_path / "cfg.yaml").write_text((REPO / TINY).read_text())
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [str(REPO / ".venv/bin/python"), "-c",
+         "import sys, time; from megasmoe.training.runlock import RunLock; "
+         "RunLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(300)",
+         str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = subprocess.run(
+            ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2",
+             f"--output={tmp_path}/sbatch-%j.out", str(REPO / "launch/pretrain.sh"),
+             "cfg.yaml", *FAST, "run.dir=run"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            env={**_clean_env(), "MEGASMOE_ROOT": str(REPO)})
+        assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
+        job = int(proc.stdout.strip().split(";")[0])
+        info = wait_job(job, timeout=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    log = job_log(run_dir, job)
+    assert info["JobState"] == "FAILED" and info.get("ExitCode") == "2:0", f"{info}\n{log}"
+    errors = [line for line in log.splitlines() if re.match(r"megasmoe: \w+ error:", line)]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"megasmoe: config error: run.dir {run_dir} is in use by another job (host "
+        f"{socket.gethostname()}, pid {holder.pid}, since "), log
+    assert "megasmoe: training" not in log and "srun --nodes" not in log
+
+
 def test_dry_run_prints_per_node_torchrun_commands(tmp_path):
     """`python -m megasmoe.launch --dry-run` for 2 nodes x 8 GPUs: one torchrun per node."""
     env = _clean_env()
@@ -243,6 +279,22 @@ def test_dry_run_prints_per_node_torchrun_commands(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith(
         "megasmoe: launch error: the config needs 2 processes")
+
+
+def test_dry_run_without_a_config_plans_the_default_config(capsys):
+    """`megasmoe launch --dry-run` without a config plans what `sbatch launch/pretrain.sh`
+    without one runs: configs/tiny-cpu.yaml on its 2 processes."""
+    import argparse
+
+    from megasmoe.launch import add_subcommand
+
+    parser = argparse.ArgumentParser(prog="megasmoe")
+    add_subcommand(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["launch", "--dry-run", "--nodes", "1"])
+    assert args.fn(args) == 0
+    out = capsys.readouterr().out
+    assert "1 node x 2 processes per node = 2" in out, out
+    assert f"-m megasmoe.cli pretrain {REPO / TINY}\n" in out, out
 
 
 def test_plan_follows_the_slurm_environment():
