@@ -50,6 +50,9 @@ def _load(args):
 
 
 def _cmd_pretrain(args) -> int:
+    from megasmoe.training.lifecycle import die_with_launcher
+
+    die_with_launcher()  # before anything else: a killed launcher must not leave us running
     cfg = _load(args)
     from megasmoe.training.data import resolve_data
     from megasmoe.training.trainer import pretrain
@@ -57,18 +60,6 @@ def _cmd_pretrain(args) -> int:
     resolve_data(cfg)  # data errors surface here, before any process group starts
     pretrain(cfg)
     return 0
-
-
-def _cmd_tokenizer(args) -> int:
-    from megasmoe.data import tokenizer_main
-
-    return tokenizer_main(args.rest)
-
-
-def _cmd_preprocess(args) -> int:
-    from megasmoe.data import preprocess_main
-
-    return preprocess_main(args.rest)
 
 
 def _cmd_check(args) -> int:
@@ -83,8 +74,16 @@ def _cmd_check(args) -> int:
 def _cmd_world_size(args) -> int:
     from megasmoe.checkpoint import check_resume_compatible
 
+    from megasmoe.training.runlock import check_run_lock
+
+    from megasmoe.training.data import resolve_data
+
     cfg = _load(args)
-    check_resume_compatible(cfg)  # launch/pretrain.sh: refuse before torchrun starts
+    # launch/pretrain.sh runs this before torchrun: everything that can be refused in one
+    # line is refused here, once, instead of in every rank half a minute later.
+    check_run_lock(cfg.run.path)  # a run dir another job trains in
+    check_resume_compatible(cfg)  # a checkpoint of another model shape or optimizer
+    resolve_data(cfg)  # paths, index integrity, tokenizer vs model.vocab_size, data.split
     print(cfg.parallel.world_size)
     return 0
 
@@ -99,12 +98,11 @@ def _cmd_checkpoint_inspect(args) -> int:
 
 def _cmd_routers(args) -> int:
     from megasmoe.config import field_docs
-    from megasmoe.routers import registered_routers, router_entry
+    from megasmoe.routers import registered_routers, router_config_class, router_summary
 
     for name in registered_routers():
-        cls, config_cls = router_entry(name)
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name}: {doc}")
+        config_cls = router_config_class(name)
+        print(f"{name}: {router_summary(name)}")
         for field, text in field_docs(config_cls).items():
             print(f"    moe.router.{field}: {text}")
     return 0
@@ -115,7 +113,7 @@ def config_reference_rows() -> list[tuple[str, object, str]]:
     import dataclasses
 
     from megasmoe.config import Config, field_docs
-    from megasmoe.routers import registered_routers, router_entry
+    from megasmoe.routers import registered_routers, router_config_class
 
     rows = []
     defaults = Config()
@@ -127,7 +125,7 @@ def config_reference_rows() -> list[tuple[str, object, str]]:
             rows.append((f"{section.name}.{name}", getattr(value, name), text))
     rows.append(("moe.router.name", "topk", field_docs(type(defaults.moe.router))["name"]))
     for router in registered_routers():
-        _, config_cls = router_entry(router)
+        config_cls = router_config_class(router)
         router_defaults = config_cls()
         for name, text in field_docs(config_cls).items():
             rows.append((f"moe.router.{name}", getattr(router_defaults, name),
@@ -165,12 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(fn=_cmd_checkpoint_inspect)
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(
         dest="tokenizer_command", required=True)
-    tok_train = tok.add_parser("train", help="train a SentencePiece tokenizer", add_help=False)
-    tok_train.add_argument("rest", nargs=argparse.REMAINDER)
-    tok_train.set_defaults(fn=_cmd_tokenizer)
-    pre = sub.add_parser("preprocess", help="text/JSONL -> Megatron .bin/.idx", add_help=False)
-    pre.add_argument("rest", nargs=argparse.REMAINDER)
-    pre.set_defaults(fn=_cmd_preprocess)
+    # Listed for `megasmoe --help`; main() hands their arguments to their own parsers.
+    tok.add_parser("train", help="train a SentencePiece tokenizer (--help for options)")
+    sub.add_parser("preprocess", help="text/JSONL -> Megatron .bin/.idx (--help for options)")
     sub.add_parser("routers", help="list routers").set_defaults(fn=_cmd_routers)
     from megasmoe.convert import add_subcommand as add_convert_subcommand
     from megasmoe.launch import add_subcommand as add_launch_subcommand
@@ -199,39 +194,90 @@ def _reports(error: Exception) -> bool:
     from the checkpoint's metadata). Any other error may be one rank's own: every rank
     reports it.
     """
-    import torch.distributed as dist
-
-    from megasmoe.checkpoint import CheckpointError
-
-    if isinstance(error, CheckpointError):
+    if _error_kind(error) == "checkpoint":
         shared = error.same_on_every_rank
     else:
-        shared = not (dist.is_available() and dist.is_initialized())
+        # torch not imported (a fast command) means no process group either.
+        dist = getattr(sys.modules.get("torch"), "distributed", None)
+        shared = not (dist is not None and dist.is_available() and dist.is_initialized())
     return not shared or os.environ.get("RANK", "0") == "0"
+
+
+SILENT_RANK_WAIT_S = 30.0
+"""How long a rank that leaves an error to rank 0 waits before exiting (see _fail)."""
+
+
+def _fail(kind: str, error: Exception) -> int:
+    """Print ``error`` as one line if this process reports it; the exit code.
+
+    A rank that stays silent does not exit at once: torchrun tears the whole job down
+    when the first worker exits, and on a loaded machine that could be this rank while
+    rank 0 is still on its way to the same error, so nothing would be printed at all.
+    It waits until the launcher ends it (torchrun does so as soon as rank 0 has exited
+    with the message printed), or SILENT_RANK_WAIT_S under launchers that do not.
+    """
+    if _reports(error):
+        print(f"megasmoe: {kind} error: {error}", file=sys.stderr, flush=True)
+    elif os.environ.get("RANK", "0") != "0":
+        import time
+
+        time.sleep(SILENT_RANK_WAIT_S)
+    return EXIT_CONFIG_ERROR
+
+
+# Commands with their own argument parsers: argparse cannot hand them options it does not
+# know (``REMAINDER`` stops at the first ``--option``), so they are dispatched before it.
+_OWN_PARSERS = {("preprocess",): "preprocess_main", ("tokenizer", "train"): "tokenizer_main"}
+
+
+def _own_parser_command(argv: list[str]):
+    """(function name, its argv) when ``argv`` starts with a command of _OWN_PARSERS."""
+    for prefix, fn in _OWN_PARSERS.items():
+        if tuple(argv[:len(prefix)]) == prefix:
+            return fn, argv[len(prefix):]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``megasmoe`` console script."""
     _quiet_megatron()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own = _own_parser_command(argv)
+    if own is not None:
+        import megasmoe.data as data
+
+        fn, rest = own
+        return getattr(data, fn)(rest)
     args = build_parser().parse_args(argv)
     _split_config_arg(args)
-    from megasmoe.checkpoint import CheckpointError
-    from megasmoe.config import ConfigError
-    from megasmoe.data import DataError
-
     try:
         return args.fn(args)
-    except ConfigError as e:
-        if _reports(e):
-            print(f"megasmoe: config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except CheckpointError as e:
-        if _reports(e):
-            print(f"megasmoe: checkpoint error: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
-    except DataError as e:
-        print(f"megasmoe: data error: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+    except BrokenPipeError:
+        # `megasmoe routers | head`: the reader has what it wanted; no traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:
+        kind = _error_kind(e)
+        if kind is None:
+            raise
+        return _fail(kind, e)
+
+
+# (module, exception class, what the one-line message calls it). Looked up in sys.modules
+# only: an error of a module that was never imported cannot have been raised, and not
+# importing megasmoe.checkpoint (torch) keeps `megasmoe check` and `routers` fast.
+_ONE_LINE_ERRORS = (("megasmoe.config", "ConfigError", "config"),
+                    ("megasmoe.checkpoint", "CheckpointError", "checkpoint"),
+                    ("megasmoe.data.errors", "DataError", "data"))
+
+
+def _error_kind(error: Exception) -> str | None:
+    """'config', 'checkpoint' or 'data' for megasmoe's one-line errors, else None."""
+    for module, name, kind in _ONE_LINE_ERRORS:
+        mod = sys.modules.get(module)
+        if mod is not None and isinstance(error, getattr(mod, name)):
+            return kind
+    return None
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import difflib
 import functools
 import importlib.util
 import inspect
+import os
 import re
 import textwrap
 import typing
@@ -468,8 +469,59 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple | list = ())
         tree = _yaml_load(path.read_text(), f"config file '{path}'") or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config file '{path}': top level must be a mapping of sections")
+    env = os.environ.get(OVERRIDES_ENV, "").split()
+    if env:
+        try:
+            apply_overrides(tree, env)
+        except ConfigError as e:
+            raise ConfigError(f"{OVERRIDES_ENV}: {e}") from None
     apply_overrides(tree, list(overrides))
-    return _build(Config, tree, "")
+    cfg = _build(Config, tree, "")
+    _absolute_paths(cfg)
+    return cfg
+
+
+OVERRIDES_ENV = "MEGASMOE_OVERRIDES"
+"""Environment variable of extra ``key=value`` overrides (space-separated), applied after
+the config file and before the command line's (which win): sets a field for every command
+of a script at once (the docs test runs the README's commands at small sizes with it)."""
+
+CALLER_DIR_ENV = "MEGASMOE_CALLER_DIR"
+"""Environment variable naming the directory the user ran the command from.
+launch/pretrain.sh sets it (the sbatch submit directory under SLURM) before it changes
+into the repository; without it that is the current directory."""
+
+PATH_FIELDS = (("run", "dir"), ("data", "tokenizer"), ("data", "cache_dir"),
+               ("data", "index_cache_dir"))
+"""(section, field) of config fields holding one path; data.prefixes is a list of them."""
+
+
+def caller_dir() -> Path:
+    """The directory relative paths a user gives are relative to (see CALLER_DIR_ENV)."""
+    return Path(os.environ.get(CALLER_DIR_ENV) or os.getcwd())
+
+
+def _absolute(value: str) -> str:
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else caller_dir() / path)
+
+
+def _absolute_paths(cfg: "Config") -> None:
+    """Make every user-given path absolute, relative to the caller's directory.
+
+    A user types paths relative to where they are; launch/pretrain.sh runs from the
+    repository root, and the run's saved config.yaml must still point at the same files
+    when resumed from anywhere. The default run directory (runs/<run.name>, no run.dir)
+    stays relative to the working directory: the repository root under the launch script.
+    """
+    for section, name in PATH_FIELDS:
+        value = getattr(getattr(cfg, section), name)
+        if value:
+            setattr(getattr(cfg, section), name, _absolute(str(value)))
+    cfg.data.prefixes = [_absolute(str(p)) for p in cfg.data.prefixes]
+    steer = cfg.moe.router.options.get("file")
+    if isinstance(steer, str) and steer:
+        cfg.moe.router.options["file"] = _absolute(steer)
 
 
 def save_config(cfg: Config, path: Path) -> None:

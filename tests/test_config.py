@@ -139,7 +139,9 @@ def test_overrides_are_typed_and_dotted():
     assert cfg.run.dir is None and cfg.run.path == Path("runs") / "tiny-cpu"
     assert cfg.model.num_query_groups == 2
     assert cfg.moe.layer_freq == [1, 0, 1, 0]
-    assert cfg.data.weights == [0.25, 0.75] and cfg.data.prefixes == ["a", "b"]
+    assert cfg.data.weights == [0.25, 0.75]
+    # Relative paths are the caller's (here the working directory), stored absolute.
+    assert cfg.data.prefixes == [str(Path.cwd() / "a"), str(Path.cwd() / "b")]
     assert cfg.checkpoint.async_save is False
     assert cfg.logging.tensorboard is False
 

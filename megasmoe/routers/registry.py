@@ -100,7 +100,7 @@ def router_entry(name: str) -> tuple[type, type]:
 
 def router_config_for(cfg):
     """Build and check the chosen router's own config from ``moe.router.*`` fields."""
-    from megasmoe.config import ConfigError, _build
+    from megasmoe.config import _build
 
     name = cfg.moe.router.name
     config_cls = router_config_class(name)

@@ -110,6 +110,9 @@ class Trainer:
             self.async_queue = AsyncCallsQueue()
         self.metrics: MetricsWriter | None = None
         self.resumed: ckpt.Resumed | None = None
+        self.schedule_change: str | None = None
+        self.log_window: list[float] = []
+        """Losses of the steps since the last train/loss log (saved in checkpoints)."""
         self.load_since_eval = None
 
     # ------------------------------------------------------------------ building
@@ -139,7 +142,7 @@ class Trainer:
         self.routers = telemetry.routers(chunks)
 
     def _build_optimizer(self) -> None:
-        cfg, tc, t = self.cfg, self.tc, self.cfg.train
+        tc, t = self.tc, self.cfg.train
         opt_config = OptimizerConfig(
             optimizer="adam",
             lr=t.lr,
@@ -170,6 +173,11 @@ class Trainer:
             wd_incr_style="constant",
             wsd_decay_steps=wsd_steps if t.lr_schedule == "wsd" else None,
             lr_wsd_decay_style="linear" if t.lr_schedule == "wsd" else None,
+            # The config is the schedule's truth: a resumed run keeps only the step count
+            # from its checkpoint, so raising train.steps re-spans the schedule (see
+            # resume()); megatron's default would keep the checkpoint's span silently.
+            use_checkpoint_opt_param_scheduler=False,
+            override_opt_param_scheduler=True,
         )
         no_sync = [m.no_sync for m in self.model]
         tc.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
@@ -290,6 +298,8 @@ class Trainer:
                 f"({r.consumed_samples} samples consumed"
                 f"{'' if r.same_layout else '; new parallel layout, RNG re-seeded'})"
             )
+            if self.schedule_change:
+                self.metrics.info(f"megasmoe: {self.schedule_change}")
         self._train_iters = self._iterators(self.train_ds, self.consumed_samples)
         for m in self.model:
             m.train()
@@ -310,15 +320,24 @@ class Trainer:
             f"dp={cfg.parallel.dp} router={cfg.moe.router.name}"
         )
         meter = Throughput()
-        window_losses: list[float] = []
+        # train/loss averages the steps since the last log; a checkpoint carries that
+        # window (self.log_window), so the first log after a mid-interval resume averages
+        # the same steps as an uninterrupted run. The aux-loss tracker and router
+        # telemetry are not carried: their first log after a resume covers the steps
+        # since the resume (tracked_steps).
+        window_losses = self.log_window
+        tracked_steps = 0
         last: dict = {}
         history: list[float] = []
         while self.step < end:
             out = self.train_step()
             meter.add(tokens_per_step)
             window_losses.append(out["loss"])
+            tracked_steps += 1
             history.append(out["loss"])
-            if self.step % t.log_interval == 0 or self.step == end:
+            # The last step of train.steps logs its partial window; a stop before it
+            # (train.exit_at_step, a signal) leaves the window to the checkpoint instead.
+            if self.step % t.log_interval == 0 or self.step == t.steps:
                 tps, step_time = meter.read()
                 scalars = {
                     "train/loss": sum(window_losses) / len(window_losses),
@@ -331,12 +350,13 @@ class Trainer:
                 }
                 if torch.cuda.is_available():
                     scalars["train/tflops_per_gpu"] = _tflops_per_gpu(cfg, tps)
-                scalars.update(self._moe_scalars(len(window_losses)))
+                scalars.update(self._moe_scalars(tracked_steps))
                 self.metrics.log(self.step, scalars)
                 self.metrics.print_progress(
                     self.step, scalars["train/loss"], out["lr"], tps, step_time
                 )
-                window_losses = []
+                window_losses.clear()
+                tracked_steps = 0
                 last.update(scalars)
             if t.eval_interval and self.step % t.eval_interval == 0 or self.step == end:
                 ev = self.evaluate()
@@ -377,6 +397,8 @@ class Trainer:
         path = ckpt.find_resume_checkpoint(self.ckpt_root, c.resume_step)
         if path is not None:
             self.resumed = ckpt.load_checkpoint(self, path)
+            self.schedule_change = schedule_change(ckpt.read_meta(path), self.cfg,
+                                                   self.optimizer.param_groups[0]["lr"])
 
     def save(self) -> None:
         """Checkpoint the current step (asynchronously on GPU when configured)."""
@@ -417,7 +439,7 @@ class Trainer:
         if self.load_since_eval is None:
             return
         if is_main():
-            image = heatmap.load_heatmap(self.load_since_eval.cpu().numpy())
+            image = heatmap.load_heatmap(self.load_since_eval.cpu().numpy(), step=self.step)
             heatmap.save_png(image, self.cfg.run.path / "plots" /
                              f"expert_load_step_{self.step:07d}.png")
             self.metrics.image("router/expert_load", image, self.step)
@@ -431,6 +453,26 @@ class Trainer:
         if self.async_queue is not None:
             self.async_queue.close()
         destroy_num_microbatches_calculator()
+
+
+SCHEDULE_FIELDS = ("steps", "lr", "min_lr", "warmup_steps", "lr_schedule", "wsd_decay_steps")
+"""train.* fields that define the LR schedule (a resume follows the config's values)."""
+
+
+def schedule_change(meta: dict, cfg: Config, lr_now: float) -> Optional[str]:
+    """One line saying how the LR schedule differs from the checkpoint's, or None.
+
+    The schedule is a function of the config (re-spanned over the new train.steps from
+    the resumed step on), so e.g. a finished cosine run resumed with more steps goes on
+    from the value the longer schedule has at that step, not from min_lr.
+    """
+    saved = meta.get("config", {}).get("train", {})
+    changed = [f"train.{k} {saved[k]} -> {getattr(cfg.train, k)}" for k in SCHEDULE_FIELDS
+               if k in saved and saved[k] != getattr(cfg.train, k)]
+    if not changed:
+        return None
+    return (f"LR schedule follows the config: {', '.join(changed)}; lr at step "
+            f"{meta.get('step')} is now {lr_now:.3g}")
 
 
 def _use_async_save(cfg: Config) -> bool:
@@ -498,23 +540,35 @@ def _tflops_per_gpu(cfg: Config, tokens_per_sec: float) -> float:
 def pretrain(cfg: Config) -> dict:
     """Run one pretraining job in this process (launched by torchrun/srun or alone).
 
-    ``cfg`` must already be validated. Returns the final scalars on every rank.
+    ``cfg`` must already be validated. Returns the final scalars on every rank. Rank 0
+    holds the run directory's lock (``megasmoe.training.lifecycle``) while the job runs;
+    a run directory another live job holds is refused with LockError on every rank.
     """
+    from megasmoe.training.runlock import hold_run_lock
+
     init_distributed(cfg)
-    trainer = Trainer(cfg)
     try:
-        result = trainer.fit()
-        if is_main():
-            run_dir = cfg.run.path.resolve()
-            saved = ckpt.read_latest(trainer.ckpt_root)
-            trainer.metrics.info(
-                f"\nDone. Outputs in {run_dir}\n"
-                f"  config:      {run_dir / 'config.yaml'}\n"
-                f"  metrics:     {run_dir / 'metrics.jsonl'}\n"
-                + (f"  checkpoint:  {saved.resolve()}\n" if saved is not None else "") +
-                f"  TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
-            )
-        return result
+        run_lock = hold_run_lock(cfg.run.path)
+    except BaseException:
+        destroy_distributed()  # without a process group the refusal is printed once
+        raise
+    try:
+        trainer = Trainer(cfg)
+        try:
+            result = trainer.fit()
+            if is_main():
+                run_dir = cfg.run.path.resolve()
+                saved = ckpt.read_latest(trainer.ckpt_root)
+                trainer.metrics.info(
+                    f"\nDone. Outputs in {run_dir}\n"
+                    f"  config:      {run_dir / 'config.yaml'}\n"
+                    f"  metrics:     {run_dir / 'metrics.jsonl'}\n"
+                    + (f"  checkpoint:  {saved.resolve()}\n" if saved is not None else "") +
+                    f"  TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}"
+                )
+            return result
+        finally:
+            trainer.close()
+            destroy_distributed()
     finally:
-        trainer.close()
-        destroy_distributed()
+        run_lock.release()  # after every write of this job (async saves finished in close)
