@@ -56,7 +56,7 @@ class RequeueExit(SystemExit):
 class _StopSignal:
     """Remembers SIGTERM / SIGUSR1 (what SLURM sends before a time limit)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = ckpt.STOP_SIGNALS  # the signals a save defers (megasmoe.checkpoint)
 
     def __init__(self):
         self.received: int | None = None
