@@ -74,6 +74,23 @@ def module_results() -> dict:
             # Each path's own error against fp64 (bf16: megatron's rounding vs SDPA's).
             out[f"{dtype_name}/{case}/err_sdpa"] = diff(got, exact)
             out[f"{dtype_name}/{case}/err_unfused"] = diff(ref, exact)
+    # Dropout draws from megatron's tensor-parallel RNG stream: a replay of the
+    # tracker's state gives the same output, the next draw another one.
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    tc = TransformerConfig(num_layers=1, hidden_size=heads * dim, num_attention_heads=heads,
+                           num_query_groups=groups, kv_channels=dim, attention_dropout=0.5)
+    attn = _core_attention(SDPAttention, tc, "causal")
+    tracker = get_cuda_rng_tracker()
+    states = tracker.get_states()
+    first, second = attn(*qkv, None), attn(*qkv, None)
+    tracker.set_states(states)
+    replay = attn(*qkv, None)
+    attn.eval()
+    plain = attn(*qkv, None)
+    out["dropout/replay"] = (replay - first).abs().max().item()
+    out["dropout/next"] = (second - first).abs().max().item()
+    out["dropout/vs_eval"] = (first - plain).abs().max().item()
     # Controls: a path with the mask or scale wrong is far from the reference.
     ref = run(DotProductAttention, torch.float32, "causal")
     out["control/no_mask"] = diff(run(SDPAttention, torch.float32, "no_mask"), ref)

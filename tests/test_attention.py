@@ -74,6 +74,14 @@ def test_module_equals_dot_product_attention_fp32(ws1):
     assert m["control/no_mask"] > 0.1 and m["control/scale"] > 0.1, m
 
 
+def test_dropout_draws_from_megatrons_rng_tracker(ws1):
+    """Training-mode dropout under the tensor-parallel RNG fork: replaying the tracker's
+    states replays the output; the next draw and eval mode differ."""
+    m = ws1["module"]
+    assert m["dropout/replay"] == 0.0, m
+    assert m["dropout/next"] > 0.1 and m["dropout/vs_eval"] > 0.1, m
+
+
 def test_module_bf16_within_four_ulps(ws1):
     """bf16: SDPA and megatron agree within 2^-6 of the largest value (4 bf16 ulps), and
     SDPA's own error against fp64 is as small as that (megatron's is ~2^-7)."""
