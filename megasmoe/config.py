@@ -662,8 +662,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
              f"{_nearest(str(m.attention), ['auto', 'sdpa', 'unfused'])}")
     _require(p.cp == 1 or m.attention == "auto",
              f"parallel.cp={p.cp} needs Transformer Engine attention, which "
-             f"model.attention={m.attention} replaces; set parallel.cp=1, or model.attention=auto with "
-             f"Transformer Engine installed")
+             f"model.attention={m.attention} replaces; set parallel.cp=1, or "
+             f"model.attention=auto with Transformer Engine installed")
     _require(
         m.head_dim is not None or m.hidden_size % m.num_heads == 0,
         f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
