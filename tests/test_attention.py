@@ -22,8 +22,10 @@ import torch
 from conftest import BIN, REPO
 
 PROBE = REPO / "tests" / "attention_probe.py"
-# GQA (4 heads, 2 key/value groups: at TP=2 each rank holds 2 heads sharing 1 group).
-MODEL = ["model.num_query_groups=2", "train.micro_batch_size=2", "parallel.ep=1"]
+# GQA (4 heads, 2 key/value groups: at TP=2 each rank holds 2 heads sharing 1 group),
+# heads of 24 (not hidden / heads = 32), partial RoPE and per-head q/k norms.
+MODEL = ["model.num_query_groups=2", "model.head_dim=24", "model.rotary_percent=0.5",
+         "model.qk_norm=head", "train.micro_batch_size=2", "parallel.ep=1"]
 FP32 = 1e-5
 
 
