@@ -121,6 +121,10 @@ class ModelConfig:
     """RMSNorm of queries and keys before RoPE: none, head (each head on its own,
     megatron's qk_layernorm, as in Qwen3-MoE) or full (the whole q / k projection,
     all heads at once, as in OLMoE)."""
+    attention: str = "auto"
+    """Core attention: auto (Transformer Engine's fused attention when TE imports, else
+    sdpa), sdpa (torch scaled_dot_product_attention: flash / memory-efficient kernels on
+    GPU) or unfused (megatron's DotProductAttention)."""
 
 
 @dataclass
@@ -653,6 +657,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
              f"number of the head's {head_dim} dimensions")
     _require(m.qk_norm in ("none", "head", "full"),
              f"model.qk_norm={m.qk_norm!r} is unknown; use none, head or full")
+    _require(m.attention in ("auto", "sdpa", "unfused"),
+             f"model.attention={m.attention!r} is unknown; use auto, sdpa or unfused"
+             f"{_nearest(str(m.attention), ['auto', 'sdpa', 'unfused'])}")
+    _require(p.cp == 1 or m.attention == "auto",
+             f"parallel.cp={p.cp} needs Transformer Engine attention, which "
+             f"model.attention={m.attention} replaces; set parallel.cp=1, or "
+             f"model.attention=auto with Transformer Engine installed")
     _require(
         m.head_dim is not None or m.hidden_size % m.num_heads == 0,
         f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "

@@ -3,7 +3,8 @@
 SwiGLU experts, RMSNorm, RoPE, optional shared expert, MoE layer frequency. The layer
 specs are megatron-core's own: the Transformer Engine spec when TE imports, else the
 local spec with its norms swapped for ``RMSNorm`` below (megatron's local torch norm
-refuses sequence parallel). The router comes from the registry through the
+refuses sequence parallel) and its core attention for torch SDPA (``model.attention``,
+megasmoe/attention.py). The router comes from the registry through the
 ``MoESubmodules.router`` plug point, so nothing here knows which router is used.
 """
 
@@ -19,9 +20,11 @@ from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megasmoe.attention import SDPAttention
 from megasmoe.config import Config
 from megasmoe.routers import router_config_for, router_spec
 
@@ -30,6 +33,7 @@ __all__ = [
     "FullWidthQNorm",
     "FullWidthKNorm",
     "te_available",
+    "core_attention_module",
     "padded_vocab_size",
     "to_transformer_config",
     "decoder_block_spec",
@@ -223,14 +227,27 @@ def to_transformer_config(cfg: Config) -> TransformerConfig:
     return TransformerConfig(**fields)
 
 
+def core_attention_module(attention: str, use_te: bool) -> Optional[type]:
+    """The core-attention class for ``model.attention``; None keeps the spec's own (TE's).
+
+    auto: TE's fused attention when TE imports, else torch SDPA (megasmoe/attention.py);
+    sdpa: torch SDPA; unfused: megatron's DotProductAttention (the reference).
+    """
+    if attention == "auto":
+        return None if use_te else SDPAttention
+    return {"sdpa": SDPAttention, "unfused": DotProductAttention}[attention]
+
+
 def decoder_block_spec(tc: TransformerConfig, cfg: Config, vp_stage: Optional[int] = None):
-    """megatron-core's GPT decoder block spec for this stage, with our router and norms."""
+    """megatron-core's GPT decoder block spec for this stage, with our router, norms and
+    core attention."""
     use_te = te_available()
     block = get_gpt_decoder_block_spec(
         tc, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage,
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
     )
     router = router_spec(cfg)
+    core_attention = core_attention_module(cfg.model.attention, use_te)
     layers = []
     for spec in block.layer_specs:
         spec = copy.deepcopy(spec)  # megatron shares one spec object across layers
@@ -239,6 +256,8 @@ def decoder_block_spec(tc: TransformerConfig, cfg: Config, vp_stage: Optional[in
             sub.input_layernorm = RMSNorm
             sub.pre_mlp_layernorm = RMSNorm
         attn = sub.self_attention.submodules
+        if core_attention is not None:
+            attn.core_attention = core_attention
         if cfg.model.qk_norm == "full":
             attn.q_layernorm, attn.k_layernorm = FullWidthQNorm, FullWidthKNorm
         elif cfg.model.qk_norm == "head" and not use_te:
