@@ -84,6 +84,7 @@ PROBE_LAYOUTS = {
     "ws1": (["parallel.world_size=1", "parallel.ep=1"], 1),
     "ep2": (EP2, 2),
     "etp2": (["parallel.ep=1", "parallel.etp=2"], 2),
+    "ws1_bf16": (["parallel.world_size=1", "parallel.ep=1", "train.precision=bf16"], 1),
 }
 
 
@@ -111,6 +112,34 @@ def test_grouped_equals_sequential_on_the_same_weights(layout, tmp_path):
     assert got["layout_differs"] == 0 and got["values_differ"] == 0, got
     # 4 MoE layers x local experts x (fc1 gate, fc1 up, fc2) on the rank that reports.
     assert got["num_sharded_expert_tensors"] == 4 * (4 if layout == "ep2" else 8) * 3
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_grouped_linear_uses_torch_grouped_mm_and_falls_back_per_expert(dtype):
+    """The model's shapes run torch's grouped_mm on CPU; a shape it refuses (rows not a
+    multiple of 16 bytes) runs one matmul per expert, with the same result."""
+    import torch
+
+    from megasmoe.experts.grouped import _grouped_mm_reason, grouped_linear
+
+    dtype = getattr(torch, dtype)
+    assert _grouped_mm_reason("cpu", dtype, 128, 512) is None
+    assert _grouped_mm_reason("cpu", dtype, 256, 128) is None
+    gen = torch.Generator().manual_seed(0)
+    counts = [5, 0, 11, 3]
+    for k in (64, 66):  # 66 x 2 or 4 bytes: not a multiple of 16 -> per-expert fallback
+        assert (_grouped_mm_reason("cpu", dtype, k, 32) is None) == (k == 64)
+        x = torch.randn(sum(counts), k, generator=gen).to(dtype).requires_grad_()
+        w = torch.randn(4, 32, k, generator=gen).to(dtype).requires_grad_()
+        y = grouped_linear(x, w, torch.tensor(counts), counts)
+        y.sum().backward()  # a stride-0 gradient
+        x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        y2 = torch.cat([p @ w2[e].t() for e, p in enumerate(torch.split(x2, counts))])
+        y2.backward(torch.ones_like(y2))
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        for a, b in ((y, y2), (x.grad, x2.grad), (w.grad, w2.grad)):
+            assert torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
+        assert not w.grad[1].any()
 
 
 # ------------------------------------------------------------------ training and checkpoints

@@ -82,10 +82,23 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Te
     reason = _grouped_mm_reason(x.device.type, x.dtype, w.shape[-1], w.shape[-2])
     if reason is None:
         offs = tokens_per_expert.to(device=x.device).cumsum(0).to(torch.int32)
-        return grouped_mm_fn()(x, w.transpose(-2, -1), offs=offs)
+        return _DenseGrad.apply(grouped_mm_fn()(x, w.transpose(-2, -1), offs=offs))
     _warn_once(reason)
     parts = torch.split(x, counts)
     return torch.cat([part @ w[e].t() for e, part in enumerate(parts)])
+
+
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward hands grouped_mm a dense gradient: its backward kernels
+    refuse the stride-0 gradients of e.g. ``y.sum()`` ("Invalid strides")."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy.contiguous()
 
 
 @functools.lru_cache(maxsize=None)
