@@ -31,6 +31,7 @@ echo "== bench_train, EP=2 over 2 processes"
 .venv/bin/torchrun --standalone --nproc-per-node 2 bench/bench_train.py configs/tiny-cpu.yaml \
     --steps 20 2> "$out/bench_train_ep2.err"
 echo "== bench_routers"; $py bench/bench_routers.py 2> "$out/bench_routers.err"
+echo "== bench_experts"; $py bench/bench_experts.py 2> "$out/bench_experts.err"
 echo "== bench_checkpoint"; $py bench/bench_checkpoint.py 2> "$out/bench_checkpoint.err"
 echo "== bench_preprocess"; $py bench/bench_preprocess.py --repeats 3
 echo "== $(uptime)"
