@@ -95,7 +95,17 @@ def fp8_mm(a: torch.Tensor, b: torch.Tensor, recipe: str, a_dtype: torch.dtype =
 
 @functools.lru_cache(maxsize=None)
 def _scaled_grouped_mm_usable(device_type: str) -> bool:
-    return device_type == "cuda" and hasattr(torch, "_scaled_grouped_mm")
+    """torch's scaled grouped GEMM runs here (CUDA, sm90+), probed once with uneven and
+    empty groups; else the forward runs one ``_scaled_mm`` per expert."""
+    if device_type != "cuda" or not hasattr(torch, "_scaled_grouped_mm"):
+        return False
+    try:
+        x = torch.randn(40, 32, device=device_type)
+        w = torch.randn(3, 32, 32, device=device_type)
+        _rowwise_grouped_cuda(x, w, [7, 0, 33])
+    except Exception:  # noqa: BLE001 - unsupported architecture or signature
+        return False
+    return True
 
 
 def _rowwise_grouped_cuda(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:

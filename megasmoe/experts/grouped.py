@@ -61,30 +61,44 @@ def _grouped_mm_reason(device_type: str, dtype: torch.dtype, k: int, n: int) -> 
     if (k * size) % 16 or (n * size) % 16:
         return f"grouped_mm needs rows of 16-byte multiples; got {k} and {n} x {size} bytes"
     try:  # the kernels differ per device and dtype (CUDA: bf16 on sm80+, ...)
-        x = torch.zeros(2, k, dtype=dtype, device=device_type, requires_grad=True)
-        w = torch.zeros(2, n, k, dtype=dtype, device=device_type, requires_grad=True)
-        offs = torch.tensor([1, 2], dtype=torch.int32, device=device_type)
-        fn(x, w.transpose(-2, -1), offs=offs).backward(torch.ones(2, n, dtype=dtype,
-                                                                  device=device_type))
+        with torch.enable_grad():  # the first call may come from an eval under no_grad
+            _probe_grouped_mm(fn, device_type, dtype, k, n)
     except Exception as e:  # noqa: BLE001 - any refusal means: use the per-expert loop
         return f"grouped_mm unsupported for {dtype} on {device_type}: {str(e).splitlines()[0]}"
     return None
 
 
+def _probe_grouped_mm(fn, device_type: str, dtype: torch.dtype, k: int, n: int) -> None:
+    """One tiny forward and backward (an empty group included) on this device/dtype."""
+    x = torch.zeros(2, k, dtype=dtype, device=device_type, requires_grad=True)
+    w = torch.zeros(2, n, k, dtype=dtype, device=device_type, requires_grad=True)
+    offs = torch.tensor([0, 2], dtype=torch.int32, device=device_type)
+    fn(x, w.transpose(-2, -1), offs=offs).backward(torch.ones(2, n, dtype=dtype,
+                                                              device=device_type))
+
+
+def _counts(tokens_per_expert: torch.Tensor, rows: int) -> list[int]:
+    """Tokens per expert as ints (a host sync on GPU: only the per-expert paths need it)."""
+    counts = [int(c) for c in tokens_per_expert.tolist()]
+    if sum(counts) != rows:
+        raise ValueError(f"tokens_per_expert sums to {sum(counts)} for {rows} tokens")
+    return counts
+
+
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor,
-                   counts: list[int], fp8: Optional[str] = None) -> torch.Tensor:
+                   fp8: Optional[str] = None) -> torch.Tensor:
     """y[rows of e] = x[rows of e] @ w[e]^T for tokens grouped by expert.
 
-    x [T, K], w [E, N, K]; ``counts`` = tokens per expert (sum T; zeros allowed).
+    x [T, K], w [E, N, K]; ``tokens_per_expert`` [E] sums to T (zeros allowed).
     """
     if fp8 is not None:
-        return Fp8GroupedLinear.apply(x, w, counts, fp8)
+        return Fp8GroupedLinear.apply(x, w, _counts(tokens_per_expert, x.shape[0]), fp8)
     reason = _grouped_mm_reason(x.device.type, x.dtype, w.shape[-1], w.shape[-2])
     if reason is None:
         offs = tokens_per_expert.to(device=x.device).cumsum(0).to(torch.int32)
         return _DenseGrad.apply(grouped_mm_fn()(x, w.transpose(-2, -1), offs=offs))
     _warn_once(reason)
-    parts = torch.split(x, counts)
+    parts = torch.split(x, _counts(tokens_per_expert, x.shape[0]))
     return torch.cat([part @ w[e].t() for e, part in enumerate(parts)])
 
 
@@ -172,13 +186,10 @@ class GroupedMLP(MegatronModule):
                 "`moe_apply_probs_on_input` only works with `moe_router_topk`=1."
             x = (probs.unsqueeze(-1) * x).to(x.dtype)
             probs = torch.ones_like(probs)
-        counts = [int(c) for c in tokens_per_expert.tolist()]
-        if sum(counts) != x.shape[0]:
-            raise ValueError(f"tokens_per_expert sums to {sum(counts)} for {x.shape[0]} tokens")
-        h = grouped_linear(x, self.weight1, tokens_per_expert, counts, self.fp8)
+        h = grouped_linear(x, self.weight1, tokens_per_expert, self.fp8)
         h = self._glu(h)
         h = (h * probs.unsqueeze(-1)).to(h.dtype)
-        return grouped_linear(h, self.weight2, tokens_per_expert, counts, self.fp8), None
+        return grouped_linear(h, self.weight2, tokens_per_expert, self.fp8), None
 
     def backward_dw(self):
         """No deferred weight-gradient computation (megatron's hook for TE's split wgrad)."""
