@@ -32,6 +32,7 @@ echo "== bench_train, EP=2 over 2 processes"
     --steps 20 2> "$out/bench_train_ep2.err"
 echo "== bench_routers"; $py bench/bench_routers.py 2> "$out/bench_routers.err"
 echo "== bench_attention"; $py bench/bench_attention.py --repeats 30 2> "$out/bench_attention.err"
+echo "== bench_experts"; $py bench/bench_experts.py 2> "$out/bench_experts.err"
 echo "== bench_checkpoint"; $py bench/bench_checkpoint.py 2> "$out/bench_checkpoint.err"
 echo "== bench_preprocess"; $py bench/bench_preprocess.py --repeats 3
 echo "== $(uptime)"

@@ -164,8 +164,9 @@ class MoEConfig:
     """Router z-loss coefficient; null = off."""
     capacity_factor: Optional[float] = None
     """Expert capacity factor (token dropping); null = dropless."""
-    grouped_gemm: bool = False
-    """Grouped-GEMM experts (TE GroupedLinear on clusters); false = SequentialMLP."""
+    expert_backend: str = "sequential"
+    """Expert computation: sequential (megatron SequentialMLP), grouped (one torch grouped
+    GEMM per projection, CPU and GPU) or te (Transformer Engine GroupedLinear)."""
     router_dtype: str = "fp32"
     """Precision of routing math: fp32 or fp64."""
     router: RouterSection = field(default_factory=RouterSection)
@@ -242,6 +243,9 @@ class TrainConfig:
     """Full activation recomputation of each layer (saves memory)."""
     exit_at_step: Optional[int] = None
     """Stop after this step with a checkpoint (the LR schedule still spans train.steps)."""
+    fp8: Optional[str] = None
+    """FP8 expert GEMMs: null (off), tensorwise or rowwise (dynamic scales, grouped or te
+    backend), or TE's delayed, blockwise, mxfp8 (te backend)."""
 
 
 @dataclass
@@ -404,6 +408,8 @@ def _build(cls, data: dict, prefix: str):
     kwargs = {}
     for key, value in data.items():
         full = prefix + key
+        if full in REPLACED_KEYS:
+            raise ConfigError(REPLACED_KEYS[full](value))
         if key not in names:
             raise ConfigError(f"unknown config key '{full}'"
                               f"{_nearest(key, names, prefix)}")
@@ -413,6 +419,14 @@ def _build(cls, data: dict, prefix: str):
         else:
             kwargs[key] = _coerce(value, tp, full)
     return cls(**kwargs)
+
+
+REPLACED_KEYS = {
+    "moe.grouped_gemm": lambda value: (
+        "moe.grouped_gemm was replaced by moe.expert_backend; set moe.expert_backend="
+        + ("grouped" if value else "sequential")),
+}
+"""Keys that were renamed: the one-line message naming the replacement."""
 
 
 def to_dict(cfg) -> dict:
@@ -609,6 +623,36 @@ def moe_layer_pattern(layer_freq: Union[int, list], num_layers: int) -> list[boo
     return [i % layer_freq == 0 for i in range(num_layers)]
 
 
+EXPERT_BACKENDS = ("sequential", "grouped", "te")
+FP8_RECIPES = ("tensorwise", "rowwise")
+"""train.fp8 recipes of megasmoe's own FP8 GEMMs (megasmoe/experts/fp8.py)."""
+TE_FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+"""train.fp8 recipes Transformer Engine runs (moe.expert_backend=te)."""
+
+
+def _check_experts(e: MoEConfig, t: TrainConfig) -> None:
+    """moe.expert_backend and train.fp8 (the te backend needs Transformer Engine)."""
+    _require(e.expert_backend in EXPERT_BACKENDS,
+             f"moe.expert_backend='{e.expert_backend}' is unknown; use sequential, grouped "
+             f"or te{_nearest(e.expert_backend, EXPERT_BACKENDS)}")
+    if e.expert_backend == "te":
+        _require(importlib.util.find_spec("transformer_engine") is not None,
+                 "moe.expert_backend=te needs Transformer Engine, which is not installed "
+                 "here; use moe.expert_backend=grouped (same checkpoint) or install the te extra")
+    if t.fp8 is None:
+        return
+    recipes = TE_FP8_RECIPES if e.expert_backend == "te" else FP8_RECIPES
+    _require(t.fp8 in (*FP8_RECIPES, *TE_FP8_RECIPES),
+             f"train.fp8='{t.fp8}' is unknown; use null, {', '.join(FP8_RECIPES)} "
+             f"(or with moe.expert_backend=te: {', '.join(TE_FP8_RECIPES)})")
+    _require(e.expert_backend != "sequential",
+             f"train.fp8={t.fp8} runs the expert GEMMs in FP8 and needs "
+             f"moe.expert_backend=grouped (or te); SequentialMLP has no FP8 path here")
+    _require(t.fp8 in recipes,
+             f"train.fp8={t.fp8} is a Transformer Engine recipe; set moe.expert_backend=te "
+             f"or use train.fp8=rowwise / tensorwise with moe.expert_backend=grouped")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     """Check a config before any process group starts; fills derived fields.
 
@@ -709,6 +753,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         f"global_aux_loss or none",
     )
     _require(e.router_dtype in ("fp32", "fp64"), "moe.router_dtype must be fp32 or fp64")
+    _check_experts(e, t)
     if isinstance(e.layer_freq, list):
         _require(
             len(e.layer_freq) == m.num_layers and set(e.layer_freq) <= {0, 1},

@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megasmoe.attention import SDPAttention
 from megasmoe.config import Config
+from megasmoe.experts import experts_spec
 from megasmoe.routers import router_config_for, router_spec
 
 __all__ = [
@@ -202,7 +203,7 @@ def to_transformer_config(cfg: Config) -> TransformerConfig:
         moe_aux_loss_coeff=0.0 if e.aux_loss_type == "none" else e.aux_loss_coeff,
         moe_z_loss_coeff=e.z_loss_coeff,
         moe_expert_capacity_factor=e.capacity_factor,
-        moe_grouped_gemm=e.grouped_gemm,
+        moe_grouped_gemm=e.expert_backend == "te",  # TEGroupedMLP; grouped: our spec
         moe_router_dtype=e.router_dtype,
         # The fused kernels below need apex / TE / CUDA; the unfused paths are exact.
         use_cpu_initialization=on_cpu,
@@ -220,6 +221,9 @@ def to_transformer_config(cfg: Config) -> TransformerConfig:
         # by rank parity over two groups and is exact on gloo; NCCL keeps batching.
         batch_p2p_comm=not on_cpu,
     )
+    if e.expert_backend == "te" and t.fp8 is not None:
+        # Transformer Engine's own recipes (its layers in the model run in FP8).
+        fields.update(fp8="hybrid", fp8_recipe=t.fp8)
     if t.recompute:
         fields.update(recompute_granularity="full", recompute_method="uniform",
                       recompute_num_layers=1)
@@ -264,6 +268,7 @@ def decoder_block_spec(tc: TransformerConfig, cfg: Config, vp_stage: Optional[in
             attn.q_layernorm = attn.k_layernorm = RMSNorm
         if getattr(sub.mlp, "module", None) is MoELayer:
             sub.mlp.submodules.router = router
+            sub.mlp.submodules.experts = experts_spec(cfg, sub.mlp.submodules.experts)
         layers.append(spec)
     block.layer_specs = layers
     if not use_te:

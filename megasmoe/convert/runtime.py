@@ -29,7 +29,12 @@ def config_from_dict(tree: dict):
     """A type-checked ``Config`` from nested dicts (a run's megasmoe.json ``config``)."""
     from megasmoe.config import Config, _build
 
-    return _build(Config, copy.deepcopy(tree), "")
+    tree = copy.deepcopy(tree)
+    moe = tree.get("moe") or {}
+    if "grouped_gemm" in moe:  # saved before moe.expert_backend replaced it
+        grouped = moe.pop("grouped_gemm")
+        moe.setdefault("expert_backend", "te" if grouped else "sequential")
+    return _build(Config, tree, "")
 
 
 def single_process_config(tree: dict, run_dir: str | Path | None = None):
@@ -42,8 +47,12 @@ def single_process_config(tree: dict, run_dir: str | Path | None = None):
 
     tree = copy.deepcopy(tree)
     tree["parallel"] = {**tree.get("parallel", {}), **_SINGLE_PROCESS_PARALLEL}
+    moe = tree.setdefault("moe", {})
+    if moe.get("expert_backend") == "te":  # same checkpoint tensors, no TE needed
+        moe["expert_backend"] = "grouped"
     train = tree.setdefault("train", {})
-    train.update(precision="fp32", micro_batch_size=1, global_batch_size=1, recompute=False)
+    train.update(precision="fp32", micro_batch_size=1, global_batch_size=1, recompute=False,
+                 fp8=None)
     tree.setdefault("model", {})["dropout"] = 0.0
     if run_dir is not None:
         tree.setdefault("run", {})["dir"] = str(run_dir)

@@ -214,9 +214,10 @@ class SpectralConfig(RouterConfigBase):
             raise ConfigError(f"moe.router.c={self.c} must be in [0, 1]")
         if self.k_svd < 1:
             raise ConfigError("moe.router.k_svd must be >= 1")
-        if cfg.moe.grouped_gemm:
-            raise ConfigError("moe.router.name=spectral reads SequentialMLP expert weights; "
-                              "set moe.grouped_gemm=false")
+        if cfg.moe.expert_backend == "te":
+            raise ConfigError("moe.router.name=spectral reads the expert weights per expert, "
+                              "which TEGroupedMLP does not expose; set "
+                              "moe.expert_backend=grouped or sequential")
 
 
 @router_options("unified", "megasmoe.routers.unified",

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from megasmoe.routers import functional as RF
 from megasmoe.routers.base import SpecRouter
+from megasmoe.experts import local_expert_weights
 from megasmoe.routers.options import SpectralConfig
 from megasmoe.routers.registry import register_router
 
@@ -42,15 +43,14 @@ def _gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def expert_matrices(expert, etp_group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def expert_matrices(fc1, fc2, etp_group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W_gate, W_up, W_down^T), each [I, d], of one SwiGLU expert (ETP shards gathered).
 
-    linear_fc1 holds [gate; up] per ETP shard; linear_fc2 is [d, I / etp].
+    fc1 holds [gate; up] per ETP shard; fc2 is [d, I / etp].
     """
-    fc1 = expert.linear_fc1.weight.detach()
-    gate, up = fc1.chunk(2, dim=0)
+    gate, up = fc1.detach().chunk(2, dim=0)
     gate, up = _gather(gate, 0, etp_group), _gather(up, 0, etp_group)
-    down_t = _gather(expert.linear_fc2.weight.detach(), 1, etp_group).t()
+    down_t = _gather(fc2.detach(), 1, etp_group).t()
     return gate, up, down_t
 
 
@@ -84,15 +84,14 @@ class SpectralRouter(SpecRouter):
         layer = self._layer() if self._layer is not None else None
         if layer is None:
             raise RuntimeError("spectral router is not bound to its MoE layer")
-        experts = layer.experts
-        local = list(experts.local_experts)
+        local = local_expert_weights(layer.experts)
         offset = layer.local_expert_indices[0]
         k_svd = self.router_config.k_svd
         rows = []
-        for i, expert in enumerate(local):
+        for i, (fc1, fc2) in enumerate(local):
             r = self.weight[offset + i].detach().float()
             rows.append(torch.stack([RF.spectral_direction(m.float(), r, k_svd)
-                                     for m in expert_matrices(expert, self.etp_group)]))
+                                     for m in expert_matrices(fc1, fc2, self.etp_group)]))
         return _gather(torch.stack(rows), 0, self.ep_group)
 
     def forward(self, input, padding_mask=None):
