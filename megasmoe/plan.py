@@ -516,6 +516,9 @@ def search_layouts(cfg, hw: Hardware) -> tuple[list[Plan], list[str]]:
             validate(c, n)
         except ConfigError:
             continue
+        q = c.parallel
+        if distopt and q.dp * q.cp == 1 and q.tp * q.cp * q.dp == q.ep * q.etp:
+            continue  # nothing to shard over: the same layout as without
         plan = make_plan(c, hw)
         valid.append(plan)
         if plan.fits is not False:
