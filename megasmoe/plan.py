@@ -310,7 +310,8 @@ def _layer_activation_bytes(cfg, moe: bool, dtype_bytes: int, te: bool) -> float
     per_token = 2 * norm + attn * dtype_bytes
     if moe:
         per_token += h * dtype_bytes + 2 * e.num_experts * 4
-        per_token += e.topk * (h + 6 * e.ffn_hidden_size / etp) * dtype_bytes
+        # The alltoall dispatcher gathers the tokens over ETP: etp x the rank's tokens.
+        per_token += etp * e.topk * (h + 6 * e.ffn_hidden_size / etp) * dtype_bytes
         per_token += 5 * e.shared_expert_size * dtype_bytes
     else:
         per_token += (h + 5 * (m.ffn_hidden_size or 4 * h)) * dtype_bytes
@@ -367,6 +368,10 @@ def estimate_memory(cfg, stage: Optional[int] = None, device: str = "gpu",
         recompute += logits
     if overhead_gb is None:
         overhead_gb = GPU_OVERHEAD_GB if device == "gpu" else CPU_BASELINE_GB
+    if device == "cpu" and t.distributed_optimizer:
+        # Megatron's DDP copies the weights into one contiguous buffer at build; glibc
+        # keeps the freed originals, so a CPU process's peak RSS holds them once more.
+        overhead_gb += params * dtype_bytes / GB
     return MemoryEstimate(
         stage=stage, params=params, weights=params * dtype_bytes, gradients=params * 4,
         optimizer=opt_dist if t.distributed_optimizer else opt_full,

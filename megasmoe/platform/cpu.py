@@ -73,6 +73,7 @@ PATCHES = (
     "device_mode",
     "cpu_rng_tracker",
     "alltoall_split_sizes",
+    "causal_mask",
 )
 
 _state: dict[str, Any] = {"active": False, "mode": None}
