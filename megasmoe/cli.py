@@ -8,6 +8,8 @@
     megasmoe preprocess --input F... --output-prefix P --tokenizer T [--workers N]
     megasmoe convert to-hf|from-hf|verify ...         Hugging Face conversion (docs/conversion.md)
     megasmoe launch [--dry-run] CONFIG ...            SLURM plan / pre-flight (docs/slurm.md)
+    megasmoe plan CONFIG [key=value ...] [--gpus N] [--gpu-memory 80GB] [--layouts]
+                                                      memory per GPU, fit, layouts (docs/planning.md)
     megasmoe routers                                  list registered routers and fields
     megasmoe config-reference                         print every config field, documented
 
@@ -176,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_convert_subcommand(sub)
     add_launch_subcommand(sub)
+    from megasmoe.plan import add_subcommand as add_plan_subcommand
+
+    add_plan_subcommand(sub)
     sub.add_parser("config-reference", help="list config fields").set_defaults(
         fn=_cmd_config_reference)
     return parser

@@ -5,7 +5,7 @@
 #
 #   bash slurm/chain.sh N [sbatch options ...] -- [CONFIG.yaml] [key=value ...]
 #   bash slurm/chain.sh 5 --time=24:00:00 --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 \
-#        -- configs/big.yaml parallel.world_size=32
+#        -- configs/mixtral-8x7b.yaml data.prefixes=[/data/mine/text_document]
 #
 # Use it where jobs may not requeue themselves (--no-requeue policies, or a cap on
 # restarts): the links set MEGASMOE_NO_REQUEUE=1, so a link that reaches its time limit

@@ -32,6 +32,7 @@ EXPECTED_PATCHES = (
     "device_mode",
     "cpu_rng_tracker",
     "alltoall_split_sizes",
+    "causal_mask",
 )
 
 
@@ -609,3 +610,13 @@ def test_inactive_when_cuda_is_available():
     assert out["mode_depth"] == 0
     assert out["type"] == "torch.FloatTensor"
     assert out["backend"] == "nccl"
+
+
+def test_causal_mask_is_built_on_cpu_outside_the_device_mode():
+    """Full recompute rebuilds the attention mask in the backward pass, off P3's mode."""
+    from megatron.core.fusions import fused_softmax
+
+    with torch._C.DisableTorchFunction():
+        mask = fused_softmax.get_default_causal_mask(4)
+    assert mask.device.type == "cpu" and mask.dtype == torch.bool
+    assert mask.tolist()[0] == [False, True, True, True]

@@ -44,6 +44,12 @@ P5 ``alltoall_split_sizes``
     alltoall dispatcher then hands tensors to ``all_to_all_single``, which takes
     sequences of ints. The replacement converts CPU tensors too when ``as_numpy``.
 
+P6 ``causal_mask``
+    ``get_default_causal_mask`` as imported by fusions/fused_softmax.py builds the mask
+    with ``device="cuda"``. Under full recompute (``train.recompute``) it runs again in
+    the backward pass, where P3's mode is not on the mode stack, and fails; the
+    replacement builds it on CPU.
+
 Not a patch but part of the same contract (see megasmoe/routers/base.py): the router
 computes its logits with ``gating()`` overridden to run in fp32 on the input's device,
 because ``Router.gating`` moves the weight to the CUDA device and, without Transformer
@@ -67,6 +73,7 @@ PATCHES = (
     "device_mode",
     "cpu_rng_tracker",
     "alltoall_split_sizes",
+    "causal_mask",
 )
 
 _state: dict[str, Any] = {"active": False, "mode": None}
@@ -187,6 +194,15 @@ def _install_alltoall_split_sizes() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
+def _install_causal_mask() -> None:
+    from megatron.core.fusions import fused_softmax
+
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
+
+    fused_softmax.get_default_causal_mask = get_default_causal_mask
+
+
 def activate() -> bool:
     """Install the CPU patches once per process; a no-op (returns False) under CUDA.
 
@@ -200,6 +216,7 @@ def activate() -> bool:
     _install_cuda_stream_standins()
     _install_cpu_rng_tracker()
     _install_alltoall_split_sizes()
+    _install_causal_mask()
     mode = _CpuDeviceMode()
     mode.__enter__()  # stays entered for the life of the process (main thread).
     _state.update(active=True, mode=mode)

@@ -35,6 +35,7 @@ from megasmoe import checkpoint as ckpt
 from megasmoe import platform
 from megasmoe.config import Config, save_config
 from megasmoe.model import build_model_chunks, layout_invariant_init, to_transformer_config
+from megasmoe.plan import flops_per_token  # noqa: F401  (re-exported)
 from megasmoe.training import heatmap, telemetry
 from megasmoe.training.data import batch_iterator, build_datasets
 from megasmoe.training.distributed import destroy_distributed, init_distributed, is_main
@@ -503,33 +504,6 @@ def _memory_gb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def flops_per_token(cfg: Config) -> float:
-    """Training FLOPs per token: 6 x the matmul parameters a token passes through, plus
-    the attention scores (12 x layers x sequence x query width).
-
-    Counted per layer from the config, as megatron builds it: q/k/v/o projections (GQA,
-    head_dim; biases left out), the router (a linear gate, as topk's), the top-k routed
-    experts and the shared expert (and its gate) of MoE layers (gated SwiGLU: 3
-    matrices), the dense MLP of dense layers, and the output layer over the padded
-    vocabulary (the embedding is a lookup).
-    """
-    from megasmoe.config import moe_layer_pattern
-    from megasmoe.model import padded_vocab_size
-
-    m, e, t = cfg.model, cfg.moe, cfg.train
-    h = m.hidden_size
-    d = m.head_dim or h // m.num_heads
-    q, kv = m.num_heads * d, (m.num_query_groups or m.num_heads) * d
-    attention = 2 * h * q + 2 * h * kv
-    moe_layers = moe_layer_pattern(e.layer_freq, m.num_layers)
-    moe_mlp = (h * e.num_experts + 3 * h * e.ffn_hidden_size * e.topk
-               + 3 * h * e.shared_expert_size + (h if e.shared_expert_gate else 0))
-    dense_mlp = 3 * h * (m.ffn_hidden_size or 4 * h)
-    active = sum(attention + (moe_mlp if moe else dense_mlp) for moe in moe_layers)
-    active += h * padded_vocab_size(m.vocab_size, cfg.parallel.tp)
-    return 6.0 * active + 12.0 * m.num_layers * t.seq_length * q
 
 
 def _tflops_per_gpu(cfg: Config, tokens_per_sec: float) -> float:
