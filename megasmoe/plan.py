@@ -289,7 +289,8 @@ def _layer_activation_bytes(cfg, moe: bool, dtype_bytes: int, te: bool) -> float
     docs/planning.md): each RMSNorm keeps its fp32 input and normalised output (2h, fp32;
     TE: h); attention keeps the QKV projection's input (h), its output (q + 2kv, alive
     through the value view), the rotated q and k (q + kv; q/k norms another q + kv), the
-    softmax probabilities (heads x sequence; flash attention: none) and the output
+    softmax probabilities (heads x sequence, model.attention=unfused; TE's fused attention
+    and SDPA keep a logsumexp per head instead) and the output
     projection's input (q). A MoE layer keeps the router's input and fp32 logits and
     scores (h + 2E) and per routed copy (top-k) the expert's input (h) and 6f: fc1's
     output (2f), the SiLU, the linear half plus megatron's GLU offset, their product and
@@ -305,9 +306,15 @@ def _layer_activation_bytes(cfg, moe: bool, dtype_bytes: int, te: bool) -> float
     attn = h + (q + 2 * kv) + (q + kv) + q
     if m.qk_norm != "none":
         attn += q + kv
-    if not te:
+    per_token = 2 * norm
+    if m.attention == "unfused":
+        # megatron's DotProductAttention keeps the [heads, s] softmax probabilities.
         attn += m.num_heads * t.seq_length / p.cp
-    per_token = 2 * norm + attn * dtype_bytes
+    else:
+        # TE's fused attention or torch SDPA (flash kernels): the output plus one fp32
+        # logsumexp per head and token, no scores.
+        per_token += m.num_heads * 4
+    per_token += attn * dtype_bytes
     if moe:
         per_token += h * dtype_bytes + 2 * e.num_experts * 4
         # The alltoall dispatcher gathers the tokens over ETP: etp x the rank's tokens.
@@ -505,7 +512,7 @@ def search_layouts(cfg, hw: Hardware) -> tuple[list[Plan], list[str]]:
     """
     from megasmoe.config import ConfigError, validate
 
-    n, m, e = hw.gpus, cfg.model, cfg.moe
+    n, e = hw.gpus, cfg.moe
     plans, valid = [], []
     for tp, pp, vpp, ep, etp_same, cp, distopt, recompute in itertools.product(
             _divisors(n, hw.gpus_per_node), _divisors(n), (None, 2), _divisors(e.num_experts),
