@@ -146,8 +146,11 @@ class GroupedMLP(MegatronModule):
             raise ValueError(f"moe ffn_hidden_size={ffn} is not divisible by ETP={etp}")
         fc1_out = (2 if config.gated_linear_unit else 1) * ffn // etp
         hidden = config.hidden_size
-        kw = dict(dtype=config.params_dtype,
-                  device="cpu" if config.use_cpu_initialization else torch.cuda.current_device())
+        # Like megatron's linears: with use_cpu_initialization no device is named, so the
+        # default device applies (CPU, or the meta device a planner builds under).
+        kw = dict(dtype=config.params_dtype)
+        if not config.use_cpu_initialization:
+            kw["device"] = torch.cuda.current_device()
         self.weight1 = torch.nn.Parameter(torch.empty(num_local_experts, fc1_out, hidden, **kw))
         self.weight2 = torch.nn.Parameter(torch.empty(num_local_experts, hidden, ffn // etp, **kw))
         for weight, dim, stride in ((self.weight1, 1, 2 if config.gated_linear_unit else 1),
