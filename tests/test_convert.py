@@ -36,7 +36,7 @@ import torch
 
 from conftest import FAST, REPO, read_metrics, run_megasmoe
 from megasmoe.convert import ConversionError, add_subcommand, from_hf, to_hf, verify
-from megasmoe.convert.verify import random_token_ids
+from megasmoe.convert.parity import random_token_ids
 
 SAMPLE_TEXT = ("Sparse mixture of experts routes every token to a few experts. The router "
                "picks the experts, the experts transform the token, and the gate weights "

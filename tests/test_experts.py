@@ -215,7 +215,7 @@ def test_hf_export_of_a_grouped_run_verifies(runs, tmp_path):
     pytest.importorskip("transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from megasmoe.convert import to_hf, verify
-    from megasmoe.convert.verify import random_token_ids
+    from megasmoe.convert.parity import random_token_ids
 
     report = to_hf(runs["grouped"], tmp_path / "hf")
     assert report.architecture == "MixtralForCausalLM"

@@ -557,8 +557,9 @@ def section_training(check: Check) -> None:
             tflops = flops_per_token(cfg) * tps / 1e12
         else:
             raise RuntimeError("train/tflops_per_gpu missing from metrics.jsonl on GPU")
-        run = {"label": label, "precision": "bf16", "fp8": "rowwise" if extra else None,
-               "expert_backend": "grouped" if extra else "sequential",
+        given = dict(x.split("=", 1) for x in extra)
+        run = {"label": label, "precision": "bf16", "fp8": given.get("train.fp8"),
+               "expert_backend": given.get("moe.expert_backend", "sequential"),
                "distributed_backend": "gloo" if check.smoke else "nccl", "world_size": 1,
                "steps": steps, "tokens_per_step": None, "wall_s": round(wall, 2),
                "tokens_per_s": finite(tps, "tokens/s"),

@@ -44,6 +44,6 @@ def from_hf(hf_dir, out_run, overrides=()):
 def verify(run_or_checkpoint, hf_dir, token_ids=None):
     """Feed ``token_ids`` [B, S+1] through megasmoe's model and the HF model; returns a
     VerifyReport (max |logit difference|, next-token agreement, both losses)."""
-    from megasmoe.convert.verify import verify as _verify
+    from megasmoe.convert.parity import verify as _verify
 
     return _verify(run_or_checkpoint, hf_dir, token_ids)

@@ -92,7 +92,7 @@ def _cmd_from_hf(args) -> int:
 def _cmd_verify(args) -> int:
     from megasmoe.checkpoint import read_meta
     from megasmoe.convert.reader import resolve_checkpoint
-    from megasmoe.convert.verify import random_token_ids, text_token_ids, verify
+    from megasmoe.convert.parity import random_token_ids, text_token_ids, verify
 
     if args.tokens:
         with open(args.tokens) as f:
