@@ -32,6 +32,7 @@ Every problem found before training is one line (``megasmoe: launch error: ...``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -726,7 +727,8 @@ def _compare_nodes(mine: dict, infos: list[dict], token: str, lp: LaunchPlan,
 
 
 def preflight(config: Optional[str], overrides: Sequence[str], env: Mapping[str, str],
-              node_check: bool = True, check_lock: bool = True, **kwargs) -> LaunchPlan:
+              node_check: bool = True, check_lock: bool = True, check_data: bool = True,
+              **kwargs) -> LaunchPlan:
     """All checks before training; returns the plan. Raises ConfigError or LaunchError.
 
     The config must validate with the allocation's process count as its world size (so
@@ -764,6 +766,13 @@ def preflight(config: Optional[str], overrides: Sequence[str], env: Mapping[str,
     from megasmoe.checkpoint import check_resume_compatible
 
     check_resume_compatible(cfg)
+    if check_data:
+        from megasmoe.training.data import resolve_data
+
+        # As `megasmoe world-size` does locally: paths, .bin/.idx integrity, tokenizer vs
+        # model.vocab_size, data.split, refused in one line before any process starts.
+        with contextlib.redirect_stdout(sys.stderr):
+            resolve_data(cfg)
     if a.gpus_per_node is not None and a.gpus_per_node and a.nproc_per_node > a.gpus_per_node:
         raise LaunchError(f"{a.nproc_per_node} processes per node but SLURM allocated "
                           f"{a.gpus_per_node} GPUs per node; make --ntasks-per-node equal "
@@ -867,6 +876,7 @@ def _handle(args) -> int:
     """Run one `launch` invocation; returns the exit code."""
     from megasmoe.checkpoint import CheckpointError
     from megasmoe.config import ConfigError
+    from megasmoe.data.errors import DataError
 
     _quiet()
 
@@ -899,8 +909,9 @@ def _handle(args) -> int:
             print(format_plan(build_plan(config, overrides, os.environ,
                                          default_nproc=default_nproc, **alloc_kw)), flush=True)
             # The lock is the state of the moment, not part of the plan: not checked here.
+            # Nor is the data (a recipe's data may live on the cluster only).
             preflight(config, overrides, os.environ, node_check=False, check_lock=False,
-                      **alloc_kw)
+                      check_data=False, **alloc_kw)
             return 0
         if action == "preflight":
             lp = preflight(config, overrides, os.environ, node_check=not args.no_node_check,
@@ -923,6 +934,8 @@ def _handle(args) -> int:
         return _fail("launch", str(e))
     except CheckpointError as e:
         return _fail("checkpoint", str(e))
+    except DataError as e:
+        return _fail("data", str(e))
     return _fail("launch", "give --dry-run or an action: " + ", ".join(ACTIONS))
 
 

@@ -417,3 +417,16 @@ def test_next_launch_takes_the_stale_lock_over_and_resumes(job):
     assert re.search(rf"resumed from \S*iter_{step:07d} at step {step}\b", out), out[-4000:]
     assert max(r["step"] for r in read_metrics(run_dir)) == step + 1
     assert not (run_dir / LOCK_NAME).exists()
+
+
+def test_slurm_preflight_refuses_bad_data_in_one_line(tmp_path):
+    """The SLURM pre-flight checks the data as `megasmoe world-size` does locally (paths,
+    index integrity, vocabulary, split) instead of leaving it to every rank."""
+    from megasmoe.data.errors import DataError
+    from megasmoe.launch import preflight
+
+    alloc = {"SLURM_JOB_NODELIST": HOST, "SLURM_JOB_NUM_NODES": "1",
+             "SLURM_TASKS_PER_NODE": "2", "SLURM_JOB_ID": "91"}
+    with pytest.raises(DataError, match="nothing"):
+        preflight(TINY, [f"run.dir={tmp_path / 'run'}", "data.source=indexed",
+                         f"data.prefixes=[{tmp_path / 'nothing'}]"], alloc, node_check=False)
