@@ -34,11 +34,9 @@ CANDIDATES = [("sequential", None), ("grouped", None), ("grouped", "tensorwise")
 
 
 def build(shape, backend: str, fp8, dtype: str):
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.transformer.spec_utils import build_module
-
     from megasmoe.config import load_config, validate
-    from megasmoe.model import decoder_block_spec, to_transformer_config
+    from megasmoe.experts import build_experts
+    from megasmoe.model import to_transformer_config
 
     hidden, ffn, experts, _ = shape
     cfg = validate(load_config(None, [
@@ -46,10 +44,7 @@ def build(shape, backend: str, fp8, dtype: str):
         f"moe.ffn_hidden_size={ffn}", f"moe.num_experts={experts}",
         f"moe.expert_backend={backend}", f"train.fp8={fp8 or 'null'}",
         f"train.precision={dtype}", "data.source=mock"]), 1)
-    tc = to_transformer_config(cfg)
-    spec = decoder_block_spec(tc, cfg).layer_specs[0].submodules.mlp.submodules.experts
-    module = build_module(spec, experts, tc,
-                          pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    module = build_experts(cfg, to_transformer_config(cfg))
     return cfg, module
 
 

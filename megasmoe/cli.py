@@ -20,7 +20,6 @@ before any process group starts.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import warnings
@@ -86,10 +85,7 @@ def _cmd_world_size(args) -> int:
     # line is refused here, once, instead of in every rank half a minute later.
     check_run_lock(cfg.run.path)  # a run dir another job trains in
     check_resume_compatible(cfg)  # a checkpoint of another model shape or optimizer
-    # paths, index integrity, tokenizer vs model.vocab_size, data.split; first-use corpus
-    # preparation reports on stderr: stdout is the world size launch/pretrain.sh reads.
-    with contextlib.redirect_stdout(sys.stderr):
-        resolve_data(cfg)
+    resolve_data(cfg)  # paths, index integrity, tokenizer vs model.vocab_size, data.split
     print(cfg.parallel.world_size)
     return 0
 

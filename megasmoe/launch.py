@@ -32,7 +32,6 @@ Every problem found before training is one line (``megasmoe: launch error: ...``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -771,8 +770,7 @@ def preflight(config: Optional[str], overrides: Sequence[str], env: Mapping[str,
 
         # As `megasmoe world-size` does locally: paths, .bin/.idx integrity, tokenizer vs
         # model.vocab_size, data.split, refused in one line before any process starts.
-        with contextlib.redirect_stdout(sys.stderr):
-            resolve_data(cfg)
+        resolve_data(cfg)
     if a.gpus_per_node is not None and a.gpus_per_node and a.nproc_per_node > a.gpus_per_node:
         raise LaunchError(f"{a.nproc_per_node} processes per node but SLURM allocated "
                           f"{a.gpus_per_node} GPUs per node; make --ntasks-per-node equal "

@@ -67,6 +67,13 @@ def pretrain(tmp_path: Path, name: str, overrides: list[str], nproc: int,
     return run_dir
 
 
+def repo_files() -> list[str]:
+    """What a clone plus local edits holds: tracked and untracked-not-ignored files."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return [f for f in out.splitlines() if f and (REPO / f).is_file()]
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     """The repository root."""

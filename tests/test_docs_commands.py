@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, repo_files
 
 MARK = "<!-- runnable -->"
 SMALL = ("train.global_batch_size=8 train.micro_batch_size=2 train.eval_iters=1 "
@@ -54,19 +54,13 @@ def test_marks_are_on_bash_blocks():
     assert {"README.md", "docs/conversion.md", "docs/checkpoints.md", "docs/slurm.md"} <= names
 
 
-def _repo_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
-    return [f for f in out.splitlines() if f and (REPO / f).is_file()]
-
-
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory) -> Path:
     """A user's clone: the repository's files, the built .venv, and their own input data."""
     from megasmoe.data import corpus_documents
 
     dest = tmp_path_factory.mktemp("docs") / "megasmoe"
-    for rel in _repo_files():
+    for rel in repo_files():
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, dest / rel)
     (dest / ".venv").symlink_to(REPO / ".venv")

@@ -16,19 +16,13 @@ import time
 
 import pytest
 
-from conftest import REPO, read_metrics
-
-
-def _repo_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
-    return [f for f in out.splitlines() if f and (REPO / f).is_file()]
+from conftest import REPO, repo_files, read_metrics
 
 
 @pytest.fixture(scope="module")
 def fresh_checkout(tmp_path_factory):
     dest = tmp_path_factory.mktemp("fresh") / "megasmoe"
-    for rel in _repo_files():
+    for rel in repo_files():
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, target)

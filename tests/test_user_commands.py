@@ -44,17 +44,11 @@ def test_data_commands_take_their_options(argv, tmp_path):
     helped = _run([str(BIN / "megasmoe"), *argv, "--help"])
     assert helped.returncode == 0, helped.stderr
     assert "--input" in helped.stdout and "--output-prefix" in helped.stdout
-    missing = _run([str(BIN / "megasmoe"), *argv, "--input", str(tmp_path / "none.txt"),
-                    "--output-prefix", str(tmp_path / "out"), "--vocab-size", "64",
-                    "--tokenizer", str(tmp_path / "none.model")])
     # Reaches the command's own checks: one line naming the missing input, exit 2.
-    if argv == ["preprocess"]:
-        missing = _run([str(BIN / "megasmoe"), *argv, "--input", str(tmp_path / "none.txt"),
-                        "--output-prefix", str(tmp_path / "out"),
-                        "--tokenizer", str(tmp_path / "none.model")])
-    else:
-        missing = _run([str(BIN / "megasmoe"), *argv, "--input", str(tmp_path / "none.txt"),
-                        "--output-prefix", str(tmp_path / "out"), "--vocab-size", "64"])
+    own = (["--tokenizer", str(tmp_path / "none.model")] if argv == ["preprocess"]
+           else ["--vocab-size", "64"])
+    missing = _run([str(BIN / "megasmoe"), *argv, "--input", str(tmp_path / "none.txt"),
+                    "--output-prefix", str(tmp_path / "out"), *own])
     assert missing.returncode == 2, missing.stderr
     assert missing.stderr.strip().count("\n") == 0 and "none.txt" in missing.stderr, missing.stderr
 

@@ -313,11 +313,9 @@ def section_peaks(check: Check) -> None:
 
 def _expert_module(check: Check, shape, backend: str, precision: str, fp8):
     """The experts module megasmoe's layer spec builds for this backend (world size 1)."""
-    from megatron.core.process_groups_config import ProcessGroupCollection
-    from megatron.core.transformer.spec_utils import build_module
-
     from megasmoe.config import load_config, validate
-    from megasmoe.model import decoder_block_spec, to_transformer_config
+    from megasmoe.experts import build_experts
+    from megasmoe.model import to_transformer_config
 
     _, hidden, ffn, experts, topk, _ = shape
     cfg = validate(load_config(None, [
@@ -326,10 +324,7 @@ def _expert_module(check: Check, shape, backend: str, precision: str, fp8):
         f"moe.ffn_hidden_size={ffn}", f"moe.num_experts={experts}", f"moe.topk={topk}",
         f"moe.expert_backend={backend}", f"train.fp8={fp8 or 'null'}",
         f"train.precision={precision}", "data.source=mock"]), 1)
-    tc = to_transformer_config(cfg)
-    spec = decoder_block_spec(tc, cfg).layer_specs[0].submodules.mlp.submodules.experts
-    module = build_module(spec, experts, tc,
-                          pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    module = build_experts(cfg, to_transformer_config(cfg))
     return module.to(check.device())
 
 

@@ -14,7 +14,7 @@ between them and the HF export does not depend on the backend. See docs/experts.
 
 from __future__ import annotations
 
-__all__ = ["experts_spec", "local_expert_weights"]
+__all__ = ["experts_spec", "local_expert_weights", "build_experts"]
 
 
 def experts_spec(cfg, default):
@@ -39,3 +39,16 @@ def local_expert_weights(experts) -> list[tuple]:
     if hasattr(experts, "local_experts"):
         return [(m.linear_fc1.weight, m.linear_fc2.weight) for m in experts.local_experts]
     raise TypeError(f"{type(experts).__name__} does not expose per-expert weights")
+
+
+def build_experts(cfg, tc):
+    """The experts module of the first MoE layer as megasmoe's layer spec builds it for
+    ``cfg`` (benchmarks and checks; megatron's process groups must be initialised)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megasmoe.model import decoder_block_spec
+
+    spec = decoder_block_spec(tc, cfg).layer_specs[0].submodules.mlp.submodules.experts
+    return build_module(spec, cfg.moe.num_experts // cfg.parallel.ep, tc,
+                        pg_collection=ProcessGroupCollection.use_mpu_process_groups())

@@ -11,6 +11,7 @@ micro batch group of ``micro_batch_size x d`` samples, like Megatron-LM's sample
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -63,7 +64,9 @@ def resolve_data(cfg: Config) -> Config:
     if d.source == "corpus":
         built = prepare_default_data(Path(d.cache_dir) if d.cache_dir else default_cache_dir(),
                                      vocab_size=cfg.model.vocab_size,
-                                     log=lambda line: print(line, flush=True))
+                                     # stderr: stdout of `megasmoe world-size` is the
+                                     # process count launch/pretrain.sh reads.
+                                     log=lambda line: print(line, file=sys.stderr, flush=True))
         d.prefixes = [str(built[s]) for s in ("train", "valid", "test")]
         d.tokenizer = str(built["tokenizer"])
     if d.source in ("corpus", "indexed"):
