@@ -30,6 +30,9 @@ echo "== bench_train, world size 1"; $py bench/bench_train.py --steps 20
 echo "== bench_train, EP=2 over 2 processes"
 .venv/bin/torchrun --standalone --nproc-per-node 2 bench/bench_train.py configs/tiny-cpu.yaml \
     --steps 20 2> "$out/bench_train_ep2.err"
+echo "== bench_vs_hf (world size 1, against a plain transformers Mixtral loop)"
+$py bench/bench_vs_hf.py --variant moe.expert_backend=sequential --variant "" \
+    2> "$out/bench_vs_hf.err"
 echo "== bench_routers"; $py bench/bench_routers.py 2> "$out/bench_routers.err"
 echo "== bench_attention"; $py bench/bench_attention.py --repeats 30 2> "$out/bench_attention.err"
 echo "== bench_experts"; $py bench/bench_experts.py 2> "$out/bench_experts.err"

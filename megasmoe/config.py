@@ -164,9 +164,10 @@ class MoEConfig:
     """Router z-loss coefficient; null = off."""
     capacity_factor: Optional[float] = None
     """Expert capacity factor (token dropping); null = dropless."""
-    expert_backend: str = "sequential"
-    """Expert computation: sequential (megatron SequentialMLP), grouped (one torch grouped
-    GEMM per projection, CPU and GPU) or te (Transformer Engine GroupedLinear)."""
+    expert_backend: str = "grouped"
+    """Expert computation: grouped (one torch grouped GEMM per projection, CPU and GPU;
+    the default), sequential (megatron SequentialMLP, the reference) or te (Transformer
+    Engine GroupedLinear). All three load each other's checkpoints."""
     router_dtype: str = "fp32"
     """Precision of routing math: fp32 or fp64."""
     router: RouterSection = field(default_factory=RouterSection)

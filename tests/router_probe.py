@@ -158,6 +158,7 @@ def _probe_entry(cfg, probe: dict) -> dict:
     from megatron.core.transformer.moe import moe_utils
 
     from megasmoe.training.trainer import Trainer
+    from megasmoe.experts import local_expert_weights
 
     assert cfg.parallel.pp == 1 and cfg.parallel.cp == 1, "the probe handles pp=1, cp=1"
     trainer = Trainer(cfg)
@@ -221,11 +222,9 @@ def _probe_entry(cfg, probe: dict) -> dict:
                 rec["state"] = states[i]
             if probe["experts"]:
                 assert dist.get_world_size() == 1, "probe.experts needs world size 1"
-                experts = list(layer.experts.local_experts)
-                rec["experts_fc1"] = torch.stack(
-                    [e.linear_fc1.weight.detach().clone() for e in experts]).cpu()
-                rec["experts_fc2"] = torch.stack(
-                    [e.linear_fc2.weight.detach().clone() for e in experts]).cpu()
+                weights = local_expert_weights(layer.experts)  # any expert backend
+                rec["experts_fc1"] = torch.stack([w1.detach().clone() for w1, _ in weights]).cpu()
+                rec["experts_fc2"] = torch.stack([w2.detach().clone() for _, w2 in weights]).cpu()
             out_layers[i] = rec
         t = cfg.train
         meta = {

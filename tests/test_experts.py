@@ -52,7 +52,8 @@ def check(*overrides: str) -> subprocess.CompletedProcess:
                                 "set moe.expert_backend=grouped"),
     (["moe.expert_backend=grouped_gemm"], "moe.expert_backend='grouped_gemm' is unknown; use "
                                           "sequential, grouped or te; did you mean 'grouped'?"),
-    (["train.fp8=rowwise"], "train.fp8=rowwise runs the expert GEMMs in FP8 and needs "
+    (["moe.expert_backend=sequential", "train.fp8=rowwise"],
+     "train.fp8=rowwise runs the expert GEMMs in FP8 and needs "
                             "moe.expert_backend=grouped (or te)"),
     (["moe.expert_backend=grouped", "train.fp8=mxfp8"], "train.fp8=mxfp8 is a Transformer "
                                                         "Engine recipe; set moe.expert_backend=te"),

@@ -33,6 +33,7 @@ EXPECTED_PATCHES = (
     "cpu_rng_tracker",
     "alltoall_split_sizes",
     "causal_mask",
+    "model_forward_without_mode",
 )
 
 
@@ -482,12 +483,17 @@ for distopt, precision in ((False, "fp32"), (True, "fp32"), (False, "bf16"), (Tr
         platform.seed_rng_streams(seed, 0, 0, 0)
         with torch.no_grad():
             losses.append(model(tokens, pos, None, labels=tokens).float().mean().item())
+    # P7: inside the model's forward the device mode is off; around it, on.
+    modes = []
+    hook = getattr(module, "module", module).decoder.register_forward_pre_hook(
+        lambda m, a: modes.append(torch.overrides._get_current_function_mode() is None))
     before = [p.detach().clone() for p in model.parameters()]
     model.zero_grad_buffer(); opt.zero_grad()
     loss = model(tokens, pos, None, labels=tokens).float().mean()
     loss.backward()
     model.finish_grad_sync()
     ok, grad_norm, _ = opt.step()
+    hook.remove()
     changed = sum(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     inner = getattr(opt, "chained_optimizers", [opt])
     results.append(dict(
@@ -496,7 +502,9 @@ for distopt, precision in ((False, "fp32"), (True, "fp32"), (False, "bf16"), (Tr
         optimizers=sorted({type(o).__name__ for o in inner}),
         param_type=next(model.parameters()).type(),
         devices=sorted({p.device.type for p in model.parameters()}),
-        grad_devices=sorted({p.main_grad.device.type for p in model.parameters()})))
+        grad_devices=sorted({p.main_grad.device.type for p in model.parameters()}),
+        mode_off_in_forward=modes,
+        mode_on_outside=torch.overrides._get_current_function_mode() is not None))
 dist.destroy_process_group()
 print(json.dumps(results))
 """
@@ -524,6 +532,30 @@ def test_megatron_ddp_and_optimizers_step_on_cpu():
         assert r["param_type"].startswith("torch.cuda."), r
         a, b, c = r["losses"]
         assert a == b and a != c, r
+        assert r["mode_off_in_forward"] == [True], r  # P7
+        assert r["mode_on_outside"], r
+
+
+def test_p7_mode_suspension_is_scoped():
+    """device_mode_suspended() pops P3's mode only while it is on top, and restores it."""
+    mode = P._state["mode"]
+    assert torch.overrides._get_current_function_mode() is mode
+    with P.device_mode_suspended():
+        assert torch.overrides._get_current_function_mode() is None
+        with P.device_mode_suspended():  # nothing of ours on top: a no-op
+            assert torch.overrides._get_current_function_mode() is None
+    assert torch.overrides._get_current_function_mode() is mode
+
+    class Other(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Other() as other:  # another mode above ours stays, and so does ours
+        with P.device_mode_suspended():
+            assert torch.overrides._get_current_function_mode() is other
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    assert hasattr(GPTModel.forward, "__wrapped__")  # P7 installed
 
 
 UNPATCHED = """
@@ -594,6 +626,9 @@ print(json.dumps({
     "dispatcher_same": token_dispatcher.maybe_move_tensor_to_cpu
                        is moe_utils.maybe_move_tensor_to_cpu,
     "mode_depth": torch._C._len_torch_function_stack() - depth,
+    "forward_unwrapped": not hasattr(
+        __import__("megatron.core.models.gpt.gpt_model", fromlist=["GPTModel"]).GPTModel.forward,
+        "__wrapped__"),
     "type": torch.zeros(1).type(),
     "backend": platform.backend(),
 }))
@@ -608,6 +643,7 @@ def test_inactive_when_cuda_is_available():
     assert out["tracker_same"] and out["get_state_same"] and out["no_cpu_tracker"]
     assert out["dispatcher_same"]
     assert out["mode_depth"] == 0
+    assert out["forward_unwrapped"]  # P7 not installed
     assert out["type"] == "torch.FloatTensor"
     assert out["backend"] == "nccl"
 

@@ -50,6 +50,17 @@ P6 ``causal_mask``
     the backward pass, where P3's mode is not on the mode stack, and fails; the
     replacement builds it on CPU.
 
+P7 ``model_forward_without_mode``
+    ``GPTModel.forward`` (models/gpt/gpt_model.py) runs with P3's mode suspended. The
+    mode sees every torch call made from Python, which costs ~0.4 ms per attention and
+    ~0.5 ms per MoE layer forward at the default shape (~3% of a training step, measured
+    with bench/bench_vs_hf.py), and the forward needs none of it: its device requests
+    go through ``torch.cuda.current_device()`` (P1) or the input's device, its one
+    CUDA literal is P6's, and megatron's aux-loss tracker allocates on the loss's
+    device. The backward pass, the schedule, the optimizer and checkpointing keep the
+    mode. (Under full recompute the layers' forward runs again inside the backward,
+    with the mode, as before.)
+
 Not a patch but part of the same contract (see megasmoe/routers/base.py): the router
 computes its logits with ``gating()`` overridden to run in fp32 on the input's device,
 because ``Router.gating`` moves the weight to the CUDA device and, without Transformer
@@ -60,12 +71,13 @@ psutil is a hard dependency: dist_checkpointing's writer hangs without it.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["activate", "is_active", "PATCHES"]
+__all__ = ["activate", "is_active", "PATCHES", "device_mode_suspended"]
 
 PATCHES = (
     "cuda_device_functions",
@@ -74,6 +86,7 @@ PATCHES = (
     "cpu_rng_tracker",
     "alltoall_split_sizes",
     "causal_mask",
+    "model_forward_without_mode",
 )
 
 _state: dict[str, Any] = {"active": False, "mode": None}
@@ -203,6 +216,19 @@ def _install_causal_mask() -> None:
     fused_softmax.get_default_causal_mask = get_default_causal_mask
 
 
+def _install_model_forward_without_mode() -> None:
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    forward = GPTModel.forward
+
+    @functools.wraps(forward)
+    def forward_without_device_mode(self, *args, **kwargs):
+        with device_mode_suspended():
+            return forward(self, *args, **kwargs)
+
+    GPTModel.forward = forward_without_device_mode
+
+
 def activate() -> bool:
     """Install the CPU patches once per process; a no-op (returns False) under CUDA.
 
@@ -217,10 +243,24 @@ def activate() -> bool:
     _install_cpu_rng_tracker()
     _install_alltoall_split_sizes()
     _install_causal_mask()
+    _install_model_forward_without_mode()
     mode = _CpuDeviceMode()
     mode.__enter__()  # stays entered for the life of the process (main thread).
     _state.update(active=True, mode=mode)
     return True
+
+
+def device_mode_suspended() -> contextlib.AbstractContextManager:
+    """A context in which P3's device mode is off (a no-op where it is not on top of
+    this thread's mode stack: other threads, or another mode entered above it).
+
+    P7 runs the model's forward in it; also for code that never touches megatron-core
+    but shares its process, e.g. the plain loop of bench/bench_vs_hf.py.
+    """
+    mode = _state["mode"]
+    if mode is None or torch.overrides._get_current_function_mode() is not mode:
+        return contextlib.nullcontext()
+    return torch.overrides._pop_mode_temporarily()
 
 
 def seed_rng_streams(seed: int, tp_rank: int, ep_rank: int, etp_rank: int) -> None:
