@@ -28,6 +28,12 @@ __all__ = [
     "spectral_direction",
     "spectral_mix",
     "steering_bias",
+    "vq_nearest",
+    "vq_loss",
+    "vq_straight_through",
+    "branch_mix",
+    "noisy_input",
+    "info_nce",
 ]
 
 
@@ -161,3 +167,60 @@ def steering_bias(num_experts: int, experts: list[int], mode: str, lam: float) -
     if experts:
         bias[torch.as_tensor(experts, dtype=torch.long)] = delta
     return bias
+
+
+# ----------------------------------------------------------------------------- VQMoE, S2MoE
+# Sums with explicit denominators: under sequence parallelism each rank passes the token
+# count of the whole group, so the per-rank values add up to the world-size-1 value.
+
+
+def vq_nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """VQMoE: index [T] of the codebook entry nearest to each token, argmin_j ||x - C_j||^2."""
+    dist = (x.pow(2).sum(-1, keepdim=True) + codebook.pow(2).sum(-1)
+            - 2.0 * x @ codebook.t())
+    return dist.argmin(dim=-1)
+
+
+def vq_loss(x: torch.Tensor, code: torch.Tensor, commitment: float,
+            num_elements: float | None = None) -> torch.Tensor:
+    """L_vq = MSE(C_j, sg(x)) + commitment MSE(sg(C_j), x) (codebook + commitment loss).
+
+    ``code`` [T, d] is each token's nearest entry C_j. The squared errors are summed and
+    divided by ``num_elements`` (default ``x.numel()``: the mean).
+    """
+    n = x.numel() if num_elements is None else num_elements
+    codebook_term = (code - x.detach()).pow(2).sum()
+    commitment_term = (code.detach() - x).pow(2).sum()
+    return (codebook_term + commitment * commitment_term) / n
+
+
+def vq_straight_through(x: torch.Tensor, code: torch.Tensor, contrib: float) -> torch.Tensor:
+    """x~ = (1 - contrib) x + contrib sg(C_j - x): the VQ expert's input (authors 0.05)."""
+    return (1.0 - contrib) * x + contrib * (code - x).detach()
+
+
+def branch_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Two-branch mixing gate [w0, w1] = softmax(Linear(d, 2)(x)), [T, 2]."""
+    return torch.softmax(F.linear(x, weight, bias), dim=-1)
+
+
+def noisy_input(x: torch.Tensor, eps_mul: torch.Tensor, eps_add: torch.Tensor,
+                mul_mean: float, mul_std: float, add_std: float) -> torch.Tensor:
+    """S2MoE noise module x_n = x * eps1 + eps2 with eps1 = mul_mean + mul_std n1 and
+    eps2 = add_std n2 from standard normal draws n1, n2 (the spec: eps ~ N(0, I))."""
+    return x * (mul_mean + mul_std * eps_mul) + add_std * eps_add
+
+
+def info_nce(anchors: torch.Tensor, candidates: torch.Tensor, positive: torch.Tensor,
+             temperature: float) -> torch.Tensor:
+    """InfoNCE per anchor: -log softmax_m(cos(a_n, c_m) / tau)[positive_n].
+
+    ``anchors`` [G, N, d], ``candidates`` [G, M, d] (groups, e.g. sequences), ``positive``
+    [N] index of each anchor's positive among the M candidates; returns [G, N].
+    """
+    a = F.normalize(anchors, dim=-1)
+    c = F.normalize(candidates, dim=-1)
+    logits = a @ c.transpose(-1, -2) / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    index = positive.view(1, -1, 1).expand(logits.shape[0], -1, 1)
+    return -logp.gather(-1, index).squeeze(-1)
