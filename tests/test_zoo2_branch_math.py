@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from megasmoe.config import ConfigError, load_config, validate
 from megasmoe.routers import functional as RF
+from megasmoe.routers import router_config_for
 
 T, D, K = 12, 10, 5
 TOL = 1e-12
@@ -109,3 +112,40 @@ def test_info_nce_value_and_gradient():
                                rtol=0, atol=1e-10)
     assert torch.autograd.gradcheck(lambda a, c: RF.info_nce(a, c, positive, 0.5),
                                     (anchors, candidates))
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _cfg(*overrides):
+    return validate(load_config("configs/tiny-cpu.yaml", ["parallel.world_size=1",
+                                                          "parallel.ep=1", *overrides]), 1)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["moe.router.name=vq", "moe.topk=1"], "moe.topk=1 leaves none for the SMoE branch"),
+    (["moe.router.name=vq", "moe.router.codebook_size=4"],
+     "moe.router.codebook_size=4 is under moe.num_experts=8"),
+    (["moe.router.name=vq", "moe.router.smoe_topk=9"], "moe.router.smoe_topk=9 must be in"),
+    (["moe.router.name=vq", "moe.router.contrib_rate=1.5"], "moe.router.contrib_rate=1.5"),
+    (["moe.router.name=stochastic", "moe.router.noise_routing=mine"],
+     "moe.router.noise_routing='mine' is unknown"),
+    (["moe.router.name=stochastic", "moe.router.infonce_temperature=0"],
+     "moe.router.infonce_temperature=0"),
+    (["moe.router.name=stochastic", "moe.router.inference_k=9"],
+     "moe.router.inference_k=9 must be in"),
+    (["moe.router.name=stochastic", "train.recompute=true"], "set train.recompute=false"),
+])
+def test_config_errors_are_one_line(overrides, message, repo, monkeypatch):
+    monkeypatch.chdir(repo)
+    with pytest.raises(ConfigError) as err:
+        router_config_for(_cfg(*overrides))
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_config_defaults_resolve(repo, monkeypatch):
+    monkeypatch.chdir(repo)
+    vq = router_config_for(_cfg("moe.router.name=vq"))
+    assert vq.smoe_topk == 1 and vq.transformer_config_overrides()["moe_router_topk"] == 1
+    s2 = router_config_for(_cfg("moe.router.name=stochastic"))
+    assert s2.inference_k == 1 and s2.seed == 1234

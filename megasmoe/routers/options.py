@@ -20,7 +20,8 @@ from megasmoe.routers.registry import router_options
 
 __all__ = ["RouterConfigBase", "TopKConfig", "SigmoidBiasConfig", "XMoEConfig",
            "StableMoEConfig", "SMoEDropoutConfig", "DomainSteerConfig", "HyperConfig",
-           "SpectralConfig", "UnifiedConfig", "read_steering_file", "UNIFIED_GROUPS"]
+           "SpectralConfig", "UnifiedConfig", "read_steering_file", "UNIFIED_GROUPS",
+           "VQMoEConfig", "S2MoEConfig", "S2MOE_NOISE_ROUTING"]
 
 UNIFIED_GROUPS = ("sequence", "micro_batch", "causal")
 """Token groups of the ``unified`` router's cross-token top-k."""
@@ -245,3 +246,127 @@ class UnifiedConfig(RouterConfigBase):
         if cfg.parallel.cp > 1:
             raise ConfigError("moe.router.name=unified needs whole sequences on a rank; "
                               "set parallel.cp=1")
+
+
+@router_options("vq", "megasmoe.routers.vq",
+                "VQMoE: StableMoE top-(k-1) branch plus the expert a codebook picks, mixed by a "
+                "learned gate.")
+@dataclass
+class VQMoEConfig(RouterConfigBase):
+    """Fields of the ``vq`` router (authors' defaults: giangdip2410/VQMoE, enwik8 scripts)."""
+
+    codebook_size: int = 16
+    """K, entries of the codebook (K x d); the VQ expert of entry j is j mod moe.num_experts."""
+    commitment: float = 0.25
+    """Weight of the commitment term MSE(sg(C_j), x) inside L_vq."""
+    contrib_rate: float = 0.05
+    """x~ = (1 - contrib_rate) x + contrib_rate sg(C_j - x), the VQ expert's input."""
+    vq_loss_coeff: float = 0.08
+    """Coefficient of L_vq in the training loss."""
+    smoe_topk: Optional[int] = None
+    """Experts per token of the SMoE branch; null = moe.topk - 1 (with the VQ expert, moe.topk in all)."""
+    init_gain: float = 0.32
+    """Gain of the orthogonal init of the SMoE branch's expert embeddings (StableMoE gate)."""
+    balance_temperature: float = 0.3
+    """The SMoE branch's balance loss uses softmax(g / balance_temperature)."""
+
+    def validate(self, cfg) -> None:
+        E, k = cfg.moe.num_experts, cfg.moe.topk
+        if self.smoe_topk is None:
+            if k < 2:
+                raise ConfigError(
+                    "moe.router.name=vq counts its VQ expert among the moe.topk experts per "
+                    "token, so moe.topk=1 leaves none for the SMoE branch; set moe.topk=2 "
+                    "(top-1 + 1 VQ expert, the authors') or moe.router.smoe_topk=1")
+            self.smoe_topk = k - 1
+        if not 1 <= self.smoe_topk <= E:
+            raise ConfigError(f"moe.router.smoe_topk={self.smoe_topk} must be in "
+                              f"[1, moe.num_experts={E}]")
+        if self.codebook_size < E:
+            raise ConfigError(
+                f"moe.router.codebook_size={self.codebook_size} is under moe.num_experts={E}: "
+                f"experts {self.codebook_size}..{E - 1} could never be a VQ expert (entry j "
+                f"picks expert j mod E); set moe.router.codebook_size>={E}")
+        if not 0.0 <= self.contrib_rate <= 1.0:
+            raise ConfigError(f"moe.router.contrib_rate={self.contrib_rate} must be in [0, 1]")
+        for name in ("commitment", "vq_loss_coeff"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"moe.router.{name}={getattr(self, name)} must be >= 0")
+        _refuse_two_branch_limits("vq", cfg)
+
+    def transformer_config_overrides(self) -> dict:
+        # The layer's dispatcher routes smoe_topk experts per token for the SMoE branch; the
+        # VQ expert goes through a second dispatch of one expert per token. megatron
+        # refuses top-1 without pre_softmax, which only its own routing (not used) reads.
+        if self.smoe_topk is None:
+            return {}
+        return {"moe_router_topk": self.smoe_topk, "moe_router_pre_softmax": True}
+
+
+S2MOE_NOISE_ROUTING = ("own", "shared")
+"""How the noisy copy is routed: by the gate on x_n (own) or with x's experts (shared)."""
+
+
+@router_options("stochastic", "megasmoe.routers.stochastic",
+                "S2MoE: SMoE on x and on a Gaussian-noised copy, mixed by a learned gate, "
+                "InfoNCE between the two; fewer experts at inference.")
+@dataclass
+class S2MoEConfig(RouterConfigBase):
+    """Fields of the ``stochastic`` router. No public code: every default is inferred from
+    the paper's abstract (megasmoe/routers/stochastic.py lists each inference)."""
+
+    noise_mul_mean: float = 0.0
+    """(inferred) eps1 = noise_mul_mean + noise_mul_std n, n ~ N(0, I) in x_n = x * eps1 + eps2."""
+    noise_mul_std: float = 1.0
+    """(inferred) Std of the multiplicative noise eps1."""
+    noise_add_std: float = 1.0
+    """(inferred) Std of the additive noise eps2 ~ N(0, noise_add_std^2 I)."""
+    noise_routing: str = "own"
+    """(inferred) own: the gate routes x_n itself; shared: x_n goes to x's experts."""
+    uncertainty_loss_coeff: float = 0.01
+    """(inferred) Coefficient of the InfoNCE uncertainty loss between y_d and y_n."""
+    infonce_temperature: float = 0.07
+    """(inferred) InfoNCE temperature (0.07 as in the same authors' VQMoE contrastive loss)."""
+    infonce_symmetric: bool = False
+    """(inferred) false: anchors y_d against y_n of the sequence; true: average both directions."""
+    inference_k: Optional[int] = None
+    """(inferred) Experts per token in evaluation (y_d only, no noise); null = max(1, moe.topk // 2)."""
+
+    def validate(self, cfg) -> None:
+        E = cfg.moe.num_experts
+        if self.noise_routing not in S2MOE_NOISE_ROUTING:
+            raise ConfigError(f"moe.router.noise_routing='{self.noise_routing}' is unknown; use "
+                              f"{' or '.join(S2MOE_NOISE_ROUTING)}")
+        if self.infonce_temperature <= 0:
+            raise ConfigError(f"moe.router.infonce_temperature={self.infonce_temperature} must "
+                              f"be > 0")
+        for name in ("noise_mul_std", "noise_add_std", "uncertainty_loss_coeff"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"moe.router.{name}={getattr(self, name)} must be >= 0")
+        if self.inference_k is None:
+            self.inference_k = max(1, cfg.moe.topk // 2)
+        if not 1 <= self.inference_k <= E:
+            raise ConfigError(f"moe.router.inference_k={self.inference_k} must be in "
+                              f"[1, moe.num_experts={E}]")
+        if cfg.parallel.cp > 1:
+            raise ConfigError("moe.router.name=stochastic contrasts the tokens of whole "
+                              "sequences (InfoNCE), which context parallelism splits; set "
+                              "parallel.cp=1")
+        if cfg.train.recompute:
+            raise ConfigError("moe.router.name=stochastic draws its noise per micro batch in "
+                              "forward order, which activation recomputation would redraw; "
+                              "set train.recompute=false")
+        _refuse_two_branch_limits("stochastic", cfg)
+        self.seed = cfg.run.seed  # the noise streams derive from the run's seed
+
+
+def _refuse_two_branch_limits(name: str, cfg) -> None:
+    """What the two-branch routers (vq, stochastic) cannot run with."""
+    if cfg.moe.shared_expert_size:
+        raise ConfigError(f"moe.router.name={name} mixes the SMoE output with a second branch "
+                          f"and megatron adds the shared expert inside the SMoE output, where "
+                          f"the mixing weight would scale it; set moe.shared_expert_size=0")
+    if cfg.moe.dispatcher == "flex":
+        raise ConfigError(f"moe.router.name={name} runs a second expert pass through the "
+                          f"layer's dispatcher, which flex (DeepEP) does not support here; set "
+                          f"moe.dispatcher=alltoall or allgather")
