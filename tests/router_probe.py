@@ -19,6 +19,8 @@ Keys starting with ``probe.`` (global or per entry) steer the probe itself:
 - ``probe.train=true``  instead of probing, train with ``Trainer.fit`` (entry i in
   run.dir/entry<i>) and save the per-step losses: ``{entry: {"losses": [...],
   "run_dir": str}}``.
+- ``probe.run_dir=NAME`` with probe.train: train in run.dir/NAME instead, so a later
+  entry of the same probe can continue an earlier one's run (resume).
 
 Probe mode: one step of the trainer's own schedule (``Trainer._run_schedule``: forward,
 backward and ``finalize_model_grads``) on the first train.global_batch_size samples,
@@ -36,6 +38,7 @@ batch). Saved on rank 0:
              "layers": {layer: {"probs" [T, E], "routing_map" [T, E], "moe_out" [T, H],
                                 "x" [T, H] (probe.inputs), "state" {name: tensor},
                                 "grads": {param: main_grad or None},
+                                "aux_losses": {name: this rank's tracker value},
                                 "grads_lm": {...} (probe.lm),
                                 "requires_grad": {param: bool},
                                 "experts_fc1" [E, 2I, H], "experts_fc2" [E, H, I]}}}}
@@ -59,7 +62,7 @@ import torch.distributed as dist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny-cpu.yaml"
-PROBE_DEFAULTS = {"step": 0, "lm": False, "resume": False, "inputs": False,
+PROBE_DEFAULTS = {"step": 0, "lm": False, "resume": False, "inputs": False, "run_dir": None,
                   "experts": False, "train": False}
 
 
@@ -192,6 +195,10 @@ def _probe_entry(cfg, probe: dict) -> dict:
             handles.append(layer.register_forward_hook(layer_hook))
 
         losses = _run_step(trainer, lm_scale=0.0)
+        # The aux losses of that step per layer, as megatron's tracker holds them (summed
+        # over this rank's micro batches; not yet reduced over ranks).
+        aux = {name: v["values"].detach().clone().cpu()
+               for name, v in moe_utils.get_moe_layer_wise_logging_tracker().items()}
         for h in handles:
             h.remove()
         loss, _ = trainer._global_loss(losses)
@@ -214,6 +221,7 @@ def _probe_entry(cfg, probe: dict) -> dict:
                 per_mb = [_gather_cat(c, sp_group) for c in chunks]
                 rec[key] = _gather_cat(torch.cat(per_mb, dim=0), dp_group).cpu()
             rec["grads"] = grads[i]
+            rec["aux_losses"] = {name: float(v[i]) for name, v in aux.items()}
             if grads_lm is not None:
                 rec["grads_lm"] = grads_lm[i]
             rec["requires_grad"] = {n: p.requires_grad for n, p in layer.router.named_parameters()}
@@ -274,7 +282,7 @@ def main(argv: list[str]) -> int:
             extra = []
             if probe["train"]:
                 base = Path(load_config(CONFIG, overrides).run.path)
-                extra = [f"run.dir={base / f'entry{index}'}"]
+                extra = [f"run.dir={base / (probe['run_dir'] or f'entry{index}')}"]
             cfg = validate(load_config(CONFIG, [*overrides, f"moe.router.name={name}",
                                                 *entry_overrides, *extra]), world)
             resolve_data(cfg)  # as `megasmoe pretrain`: prepare / check the data first

@@ -294,3 +294,24 @@ def _unified(ctx: RouterContext) -> GateExport:
         "exactly k experts; its W_r was trained under this cross-token selection, so a "
         "per-token top-k gate with the same weights would be a different model; to get an "
         "exportable checkpoint, train with topk"))
+
+
+@register_exporter("stochastic")
+def _stochastic(ctx: RouterContext) -> GateExport:
+    """S2MoE's inference: no noise, one pass, W_r with moe.router.inference_k experts."""
+    from megasmoe.routers.options import S2MoEConfig
+
+    k = ctx.options.get("inference_k") or S2MoEConfig.default_inference_k(ctx.topk)
+    unused = "S2MoE's mixing gate weighs the noise branch, which inference does not run"
+    return GateExport(ctx.tensor("weight"), _topk_routing(ctx, "softmax", False, None, topk=k),
+                      used={"weight"}, ignored={"mix_weight": unused, "mix_bias": unused})
+
+
+@register_exporter("vq")
+def _vq(ctx: RouterContext) -> GateExport:
+    """Refused: VQMoE's second branch is not a gate."""
+    raise _refuse("vq", (
+        "VQMoE adds to every token the expert its nearest codebook entry picks, run on a "
+        "LayerNorm'd copy of the token and mixed in by a learned two-way gate, which no "
+        "standard architecture has and megasmoe's --remote-code architecture does not "
+        "implement either; dropping that branch would change the model"))

@@ -332,6 +332,11 @@ class S2MoEConfig(RouterConfigBase):
     inference_k: Optional[int] = None
     """(inferred) Experts per token in evaluation (y_d only, no noise); null = max(1, moe.topk // 2)."""
 
+    @staticmethod
+    def default_inference_k(topk: int) -> int:
+        """inference_k when null: half of moe.topk, at least 1 (inferred)."""
+        return max(1, topk // 2)
+
     def validate(self, cfg) -> None:
         E = cfg.moe.num_experts
         if self.noise_routing not in S2MOE_NOISE_ROUTING:
@@ -344,7 +349,7 @@ class S2MoEConfig(RouterConfigBase):
             if getattr(self, name) < 0:
                 raise ConfigError(f"moe.router.{name}={getattr(self, name)} must be >= 0")
         if self.inference_k is None:
-            self.inference_k = max(1, cfg.moe.topk // 2)
+            self.inference_k = self.default_inference_k(cfg.moe.topk)
         if not 1 <= self.inference_k <= E:
             raise ConfigError(f"moe.router.inference_k={self.inference_k} must be in "
                               f"[1, moe.num_experts={E}]")
