@@ -17,8 +17,9 @@ Keys starting with ``probe.`` (global or per entry) steer the probe itself:
 - ``probe.inputs=true`` also save the router inputs and router state (golden checks).
 - ``probe.experts=true`` also save the experts' weights (world size 1 only).
 - ``probe.train=true``  instead of probing, train with ``Trainer.fit`` (entry i in
-  run.dir/entry<i>) and save the per-step losses: ``{entry: {"losses": [...],
-  "run_dir": str}}``.
+  run.dir/entry<i>) and save the per-step losses and the final router state (this
+  rank's layers): ``{entry: {"losses": [...], "run_dir": str, "router_state": {layer:
+  {name: tensor}}}}``.
 - ``probe.run_dir=NAME`` with probe.train: train in run.dir/NAME instead, so a later
   entry of the same probe can continue an earlier one's run (resume).
 
@@ -256,7 +257,9 @@ def _train_entry(cfg) -> dict:
     trainer = Trainer(cfg)
     try:
         result = trainer.fit()
-        return {"losses": list(result["losses"]), "run_dir": str(cfg.run.path)}
+        state = {i: _router_state(layer.router) for i, layer in _moe_layers(trainer).items()}
+        return {"losses": list(result["losses"]), "run_dir": str(cfg.run.path),
+                "router_state": state}
     finally:
         trainer.close()
 

@@ -1,0 +1,160 @@
+"""VQMoE (``vq``) and S2MoE (``stochastic``) in real runs of the megatron-core model (gloo).
+
+tests/test_routers.py already holds both to the router contract, the float64 routing
+reference, EP=2 / TP=2+SP routing and the 20-step EP=2 training run. Here, for the two
+losses and the state these routers add (codebook, mixing gate, LayerNorm, noise
+streams), four probe launches (tests/router_probe.py: every entry one model in one
+process group per layout) cover:
+
+* layouts: the first 5 steps at EP=2 (also data parallel 2 for the dense weights),
+  TP=2+SP and PP=2 give world size 1's losses (step 1 within 1e-5, then 1e-3, the
+  tolerances of tests/test_layouts.py) and gradient norms (1e-3 relative);
+* resume: 10 steps + 10 resumed == 20 uninterrupted, losses bitwise and every model
+  tensor of the final checkpoint bitwise (codebooks, mixing gates, LayerNorms); a run
+  checkpointed at EP=2 and resumed at world size 1 continues within 1e-3;
+* the losses in the model: L_vq in megatron's tracker equals the float64 formula on the
+  router's input and codebook; both new losses are logged per layer
+  (``moe/vq_loss/layer_i``, ``moe/uncertainty_loss/layer_i``) and finite;
+* evaluation at the end of training runs S2MoE's inference setting (inference_k experts,
+  no noise).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import FAST, read_metrics
+from test_routers import run_probe
+
+NAMES = ["vq", "stochastic"]
+# Short sequences and small batches: these runs check equalities, not learning (that is
+# test_routers' 20-step EP=2 run), so a step is cheap and the launches dominate.
+RUN = [*FAST, "train.steps=20", "train.seq_length=32", "train.global_batch_size=4",
+       "logging.tensorboard=false", "checkpoint.enabled=false", "probe.train=true"]
+LAYOUTS = {
+    "ep2": ["parallel.ep=2"],
+    "tp2_sp": ["parallel.ep=1", "parallel.tp=2", "parallel.sp=true"],
+    "pp2": ["parallel.ep=1", "parallel.pp=2"],
+}
+SAVE = "checkpoint.enabled=true"
+
+
+def _entry(name: str, *items: str) -> str:
+    return ":".join([name, *items])
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory) -> dict:
+    """{layout: {router: run result}}: 5 steps (of a 20-step schedule) per layout; at
+    EP=2, 10 steps with a checkpoint (resumed at world size 1 below)."""
+    out = {}
+    for layout, overrides in LAYOUTS.items():
+        tmp = tmp_path_factory.mktemp(layout)
+        stop = "train.exit_at_step=10" if layout == "ep2" else "train.exit_at_step=5"
+        items = [stop, SAVE] if layout == "ep2" else [stop]
+        entries = [_entry(n, *items, f"probe.run_dir={n}") for n in NAMES]
+        res = run_probe(tmp / "runs.pt", entries, [*RUN, *overrides, f"run.dir={tmp}"], 2)
+        out[layout] = {n: res[e] for n, e in zip(NAMES, entries)}
+    return out
+
+
+@pytest.fixture(scope="module")
+def ws1(layouts, tmp_path_factory) -> dict:
+    """World size 1, per router: 20 steps; 10 steps (checkpointed) then resumed to 20; the
+    EP=2 run resumed to 20; for vq a probe step (router inputs, tracker values)."""
+    tmp = tmp_path_factory.mktemp("ws1")
+    plan = {}
+    for n in NAMES:
+        plan[f"{n}/full"] = _entry(n, f"probe.run_dir={n}_full")
+        plan[f"{n}/first10"] = _entry(n, SAVE, "train.exit_at_step=10", f"probe.run_dir={n}_res")
+        plan[f"{n}/resumed"] = _entry(n, f"probe.run_dir={n}_res")
+        plan[f"{n}/from_ep2"] = _entry(n, f"probe.run_dir={layouts['ep2'][n]['run_dir']}")
+    plan["vq/probe"] = _entry("vq", "probe.train=false", "probe.inputs=true")
+    res = run_probe(tmp / "runs.pt", list(plan.values()),
+                    [*RUN, "parallel.world_size=1", "parallel.ep=1", f"run.dir={tmp}"], 1)
+    return {key: res[e] for key, e in plan.items()}
+
+
+def _grad_norms(run_dir) -> dict[int, float]:
+    return {r["step"]: r["train/grad_norm"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("name", NAMES)
+def test_layout_matches_world_size_1(name, layout, layouts, ws1):
+    want, got = ws1[f"{name}/full"], layouts[layout][name]
+    assert all(math.isfinite(v) for v in got["losses"]), got["losses"]
+    assert abs(got["losses"][0] - want["losses"][0]) < 1e-5, (got["losses"], want["losses"])
+    for step in range(5):
+        assert abs(got["losses"][step] - want["losses"][step]) < 1e-3, (step, got, want)
+    g_want, g_got = _grad_norms(want["run_dir"]), _grad_norms(got["run_dir"])
+    for step in range(1, 6):
+        assert abs(g_got[step] - g_want[step]) <= 1e-3 * g_want[step], (step, g_got, g_want)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_is_bitwise(name, ws1):
+    """10 + 10 resumed == 20 uninterrupted: every loss and the final router state of every
+    layer (the codebook, mixing gate, LayerNorm, expert embeddings), bitwise."""
+    full, first, resumed = (ws1[f"{name}/{k}"] for k in ("full", "first10", "resumed"))
+    assert len(full["losses"]) == 20 and len(first["losses"]) == 10
+    assert all(math.isfinite(v) for v in full["losses"]), full["losses"]
+    assert first["losses"] + resumed["losses"] == full["losses"]
+    own = {"vq": {"codebook", "mix_weight", "mix_bias", "vq_norm_weight", "vq_norm_bias",
+                  "expert_embeddings"},
+           "stochastic": {"weight", "mix_weight", "mix_bias"}}[name]
+    for layer, state in full["router_state"].items():
+        assert own <= set(state), (layer, sorted(state))
+        other = resumed["router_state"][layer]
+        for key, value in state.items():
+            assert torch.equal(value, other[key]), (layer, key)
+        # The state trained away from where the first 10 steps left it.
+        assert not torch.equal(state["mix_weight"], first["router_state"][layer]["mix_weight"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_from_ep2_at_world_size_1(name, layouts, ws1):
+    ep2, full, moved = layouts["ep2"][name], ws1[f"{name}/full"], ws1[f"{name}/from_ep2"]
+    assert len(ep2["losses"]) == 10 and len(moved["losses"]) == 10
+    for got, want in zip(ep2["losses"] + moved["losses"], full["losses"]):
+        assert abs(got - want) < 1e-3, (ep2["losses"] + moved["losses"], full["losses"])
+
+
+def test_new_losses_are_logged_per_layer(ws1):
+    for name, loss in (("vq", "vq_loss"), ("stochastic", "uncertainty_loss")):
+        records = [r for r in read_metrics(ws1[f"{name}/full"]["run_dir"]) if "train/loss" in r]
+        for layer in range(4):
+            key = f"moe/{loss}/layer_{layer}"
+            values = [r[key] for r in records]
+            assert len(values) == 20 and all(math.isfinite(v) and v > 0 for v in values), key
+        # The evaluation at the end ran (S2MoE: its inference_k setting, no noise).
+        assert any("valid/loss" in r and math.isfinite(r["valid/loss"])
+                   for r in read_metrics(ws1[f"{name}/full"]["run_dir"])), name
+
+
+def test_vq_loss_in_the_model_matches_the_formula(ws1):
+    """megatron's tracker holds, per layer, L_vq summed over the step's micro batches:
+    MSE(C_j, x) (1 + commitment) with j the nearest codebook entry, here in float64 on
+    the router's recorded input."""
+    res = ws1["vq/probe"]
+    micro = res["meta"]["num_microbatches"]
+    for layer, rec in res["layers"].items():
+        x = rec["x"].double()
+        codebook = rec["state"]["codebook"].double()
+        j = torch.cdist(x, codebook).argmin(-1)
+        per_token = (x - codebook[j]).pow(2).sum(-1) * 1.25
+        want = sum(chunk.sum().item() / (chunk.numel() * x.shape[-1])
+                   for chunk in per_token.chunk(micro))
+        assert abs(rec["aux_losses"]["vq_loss"] - want) <= 1e-6 * want, (layer, rec["aux_losses"])
+        # The VQ experts: entry j mod E, and more than one expert serves (the codebook is
+        # not collapsed on one entry at init).
+        assert len((j % res["meta"]["num_experts"]).unique()) > 1
+        assert rec["aux_losses"]["load_balancing_loss"] > 0
+    # S2MoE's logged InfoNCE: a mean cross-entropy, in (0, 2 / tau + ln S).
+    bound = 2 / 0.07 + math.log(res["meta"]["seq_length"])
+    for record in read_metrics(ws1["stochastic/full"]["run_dir"]):
+        for key in (k for k in record if k.startswith("moe/uncertainty_loss/")):
+            assert 0 < record[key] < bound, (key, record[key])
