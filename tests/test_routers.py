@@ -63,6 +63,9 @@ ROUTER_ARGS = {
     "unified": ["moe.dispatcher=allgather"],
     "smoe_dropout": ["moe.aux_loss_type=none"],
     "sigmoid_bias": ["moe.aux_loss_type=aux_loss"],
+    # Here on normal steps / with every pair compared; competition: tests/test_zoo2_routers.py
+    "compete": ["moe.router.frequency=0"],
+    "simsmoe": ["moe.router.cont_freq=-1", "moe.router.tau=-1"],
 }
 FROZEN = {"smoe_dropout": {"weight"},
           "hyper": {"hyper_w1", "hyper_b1", "hyper_w2", "hyper_b2"}}
@@ -287,7 +290,7 @@ def _reference(name: str, layer: int, rec: dict, group: str = "sequence"):
     """(probs, routing_map, selection scores) in float64 from the router's input/state."""
     x = rec["x"].double()
     st = {n: v.double() if v.is_floating_point() else v for n, v in rec["state"].items()}
-    if name in ("topk", "smoe_dropout", "domain_steer"):
+    if name in ("topk", "smoe_dropout", "domain_steer", "compete", "simsmoe"):
         logits = x @ st["weight"].t()
         if name == "domain_steer":
             bias = torch.zeros(E, dtype=torch.float64)
