@@ -63,6 +63,9 @@ ROUTER_ARGS = {
     "unified": ["moe.dispatcher=allgather"],
     "smoe_dropout": ["moe.aux_loss_type=none"],
     "sigmoid_bias": ["moe.aux_loss_type=aux_loss"],
+    # Here on normal steps / with every pair compared; competition: tests/test_zoo2_routers.py
+    "compete": ["moe.router.frequency=0"],
+    "simsmoe": ["moe.router.cont_freq=-1", "moe.router.tau=-1"],
 }
 # Experts per token of a router's own routing map where it is not moe.topk: vq routes
 # top-(k-1) and adds its VQ expert in a second pass of the layer (not in the map).
@@ -290,7 +293,7 @@ def _reference(name: str, layer: int, rec: dict, group: str = "sequence"):
     """(probs, routing_map, selection scores) in float64 from the router's input/state."""
     x = rec["x"].double()
     st = {n: v.double() if v.is_floating_point() else v for n, v in rec["state"].items()}
-    if name in ("topk", "smoe_dropout", "domain_steer"):
+    if name in ("topk", "smoe_dropout", "domain_steer", "compete", "simsmoe"):
         logits = x @ st["weight"].t()
         if name == "domain_steer":
             bias = torch.zeros(E, dtype=torch.float64)
@@ -373,7 +376,8 @@ def test_router_matches_reference_math_in_the_model(name, labels, ws1):
     for layer, rec in _layers(ws1[label]).items():
         probs, rmap, select = _reference(router, layer, rec, group)
         if select is not None:
-            clear = _margin(select, ROUTER_K.get(router, K)) > 1e-5  # float32 near-ties may pick either expert
+            # float32 near-ties may pick either expert
+            clear = _margin(select, ROUTER_K.get(router, K)) > 1e-5
             assert clear.float().mean() > 0.99, clear.float().mean()
         else:
             clear = torch.ones(T, dtype=torch.bool)

@@ -222,6 +222,24 @@ def _sigmoid_bias(ctx: RouterContext) -> GateExport:
                       used={"weight", "expert_bias"})
 
 
+@register_exporter("compete")
+def _compete(ctx: RouterContext) -> GateExport:
+    """CompeteSMoE: competition is a training-time schedule; inference is top-k of W x,
+    softmax over the selected (megatron pre_softmax=false)."""
+    return GateExport(ctx.tensor("weight"), _topk_routing(ctx, "softmax", False, None),
+                      used={"weight"})
+
+
+@register_exporter("simsmoe")
+def _simsmoe(ctx: RouterContext) -> GateExport:
+    """SimSMoE: the SMoE gate W; the CKA projection and the pair tracker train only."""
+    return GateExport(ctx.tensor("weight"), _topk_routing(ctx, "softmax", False, None),
+                      used={"weight"},
+                      ignored={"projection": "CKA projection P of the training-time "
+                                             "similarity loss",
+                               "pair_tracking": "training-time expert-pair counter"})
+
+
 @register_exporter("domain_steer")
 def _domain_steer(ctx: RouterContext) -> GateExport:
     """W plus the fixed steering bias on the logits (a constant one folds away)."""

@@ -20,7 +20,8 @@ from megasmoe.routers.registry import router_options
 
 __all__ = ["RouterConfigBase", "TopKConfig", "SigmoidBiasConfig", "XMoEConfig",
            "StableMoEConfig", "SMoEDropoutConfig", "DomainSteerConfig", "HyperConfig",
-           "SpectralConfig", "UnifiedConfig", "read_steering_file", "UNIFIED_GROUPS",
+           "SpectralConfig", "UnifiedConfig", "CompeteConfig", "SimSMoEConfig",
+           "read_steering_file", "UNIFIED_GROUPS", "COMPETE_VERSIONS", "SIMSMOE_KERNELS",
            "VQMoEConfig", "S2MoEConfig", "S2MOE_NOISE_ROUTING"]
 
 UNIFIED_GROUPS = ("sequence", "micro_batch", "causal")
@@ -248,6 +249,109 @@ class UnifiedConfig(RouterConfigBase):
                               "set parallel.cp=1")
 
 
+COMPETE_VERSIONS = ("v1", "v2")
+"""CompeteSMoE versions: v1 (Pham, Do et al. 2024), v2 (Nguyen et al. 2025)."""
+_COMPETE_DEFAULTS = {
+    # field: (v1, v2)
+    "frequency": (1.0, 0.07),
+    "max_layers": (None, 3),
+    "router_loss_coeff": (0.05, 0.001),
+    "diversity_coeff": (0.0, 0.005),
+    "entropy_coeff": (0.0, 0.005),
+    "entropy_coeff_normal": (0.0, 0.01),
+}
+
+
+def _refuse_flex(name: str, cfg, why: str) -> None:
+    """Refuse the flex dispatcher for routers that run experts outside the dispatch."""
+    if cfg.moe.dispatcher == "flex":
+        raise ConfigError(f"moe.router.name={name} {why}, which megasmoe does not do through "
+                          f"the flex (DeepEP) dispatcher; set moe.dispatcher=allgather or "
+                          f"alltoall")
+
+
+@router_options("compete", "megasmoe.routers.compete",
+                "CompeteSMoE: on scheduled competition steps all experts run and tokens "
+                "route by the experts' responses (v1, v2).")
+@dataclass
+class CompeteConfig(RouterConfigBase):
+    """Fields of the ``compete`` router; null fields take the version's authors' default."""
+
+    version: str = "v1"
+    """v1 (Pham, Do et al. 2024) or v2 (Nguyen et al. 2025)."""
+    frequency: Optional[float] = None
+    """Competition probability per layer per step (v1; null = 1.0) / fraction of steps
+    scheduled per layer (v2; null = 0.07)."""
+    max_layers: Optional[int] = None
+    """At most this many layers compete in one step (null: v1 no cap, v2 3)."""
+    router_loss_coeff: Optional[float] = None
+    """Coefficient of the router loss MSE(softmax(g), q) (null: v1 0.05 = 5 x 0.01,
+    v2 0.001)."""
+    topk_loss_weight: float = 0.2
+    """v2: weight of the same MSE restricted to the k selected entries."""
+    diversity_coeff: Optional[float] = None
+    """Mean pairwise cosine of the selected experts' outputs on competition steps (null:
+    v1 0, v2 0.005)."""
+    entropy_coeff: Optional[float] = None
+    """Entropy balance on softmax(a) on competition steps (null: v1 0, v2 0.005)."""
+    entropy_coeff_normal: Optional[float] = None
+    """Entropy balance on softmax(g) on the other steps (null: v1 0, v2 0.01)."""
+    schedule_seed: Optional[int] = None
+    """Seed of the competition schedule; null = run.seed."""
+
+    def validate(self, cfg) -> None:
+        if self.version not in COMPETE_VERSIONS:
+            raise ConfigError(f"moe.router.version='{self.version}' is unknown; use v1 or v2")
+        v = COMPETE_VERSIONS.index(self.version)
+        for name, defaults in _COMPETE_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, defaults[v])
+        if self.schedule_seed is None:
+            self.schedule_seed = cfg.run.seed
+        if not 0.0 <= self.frequency <= 1.0:
+            raise ConfigError(f"moe.router.frequency={self.frequency} must be in [0, 1]")
+        if self.max_layers is not None and self.max_layers < 1:
+            raise ConfigError(f"moe.router.max_layers={self.max_layers} must be >= 1 or null")
+        _refuse_flex("compete", cfg, "runs every expert on competition steps")
+
+
+SIMSMOE_KERNELS = ("rbf", "linear")
+"""CKA kernels of the ``simsmoe`` router."""
+
+
+@router_options("simsmoe", "megasmoe.routers.simsmoe",
+                "SimSMoE: SMoE gate plus a CKA penalty on expert pairs that often serve "
+                "the same tokens.")
+@dataclass
+class SimSMoEConfig(RouterConfigBase):
+    """Fields of the ``simsmoe`` router (authors' defaults)."""
+
+    cont_freq: float = 16.0
+    """A pair is compared when its tracked frequency exceeds this (then reset)."""
+    tau: float = 0.5
+    """CKA threshold: a compared pair adds its CKA to L_sim only above tau."""
+    sim_coeff: float = 0.01
+    """Coefficient of L_sim: lambda (1) x the authors' 0.01 on the gate loss."""
+    kernel: str = "rbf"
+    """CKA kernel: rbf (authors' default) or linear."""
+    sigma: float = 0.8
+    """Bandwidth of the RBF kernel."""
+
+    def validate(self, cfg) -> None:
+        if cfg.moe.topk < 2:
+            raise ConfigError(f"moe.router.name=simsmoe compares pairs of a token's experts; "
+                              f"set moe.topk >= 2 (it is {cfg.moe.topk})")
+        if self.kernel not in SIMSMOE_KERNELS:
+            raise ConfigError(f"moe.router.kernel='{self.kernel}' is unknown; use rbf or linear")
+        if self.sigma <= 0:
+            raise ConfigError(f"moe.router.sigma={self.sigma} must be > 0")
+        _refuse_flex("simsmoe", cfg, "runs experts on the tokens of compared pairs")
+        if cfg.train.recompute:
+            raise ConfigError("moe.router.name=simsmoe counts expert pairs in the forward, "
+                              "which activation recompute would run twice; set "
+                              "train.recompute=false")
+
+
 @router_options("vq", "megasmoe.routers.vq",
                 "VQMoE: StableMoE top-(k-1) branch plus the expert a codebook picks, mixed by a "
                 "learned gate.")
@@ -371,7 +475,4 @@ def _refuse_two_branch_limits(name: str, cfg) -> None:
         raise ConfigError(f"moe.router.name={name} mixes the SMoE output with a second branch "
                           f"and megatron adds the shared expert inside the SMoE output, where "
                           f"the mixing weight would scale it; set moe.shared_expert_size=0")
-    if cfg.moe.dispatcher == "flex":
-        raise ConfigError(f"moe.router.name={name} runs a second expert pass through the "
-                          f"layer's dispatcher, which flex (DeepEP) does not support here; set "
-                          f"moe.dispatcher=alltoall or allgather")
+    _refuse_flex(name, cfg, "runs a second expert pass through layer.run_experts")

@@ -53,7 +53,6 @@ Trained: W_r (key ``router.weight``, as ``topk``), ``router.mix_weight``,
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
