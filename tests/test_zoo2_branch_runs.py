@@ -30,9 +30,11 @@ from conftest import FAST, read_metrics
 from test_routers import run_probe
 
 NAMES = ["vq", "stochastic"]
-# Short sequences and small batches: these runs check equalities, not learning (that is
-# test_routers' 20-step EP=2 run), so a step is cheap and the launches dominate.
+# Two layers (one per stage at PP=2), short sequences, small batches: these runs check
+# equalities, not learning (test_routers' 20-step EP=2 run does), so steps are cheap.
+LAYERS = 2
 RUN = [*FAST, "train.steps=20", "train.seq_length=32", "train.global_batch_size=4",
+       f"model.num_layers={LAYERS}",
        "logging.tensorboard=false", "checkpoint.enabled=false", "probe.train=true"]
 LAYOUTS = {
     "ep2": ["parallel.ep=2"],
@@ -56,15 +58,20 @@ def layouts(tmp_path_factory) -> dict:
         stop = "train.exit_at_step=10" if layout == "ep2" else "train.exit_at_step=5"
         items = [stop, SAVE] if layout == "ep2" else [stop]
         entries = [_entry(n, *items, f"probe.run_dir={n}") for n in NAMES]
-        res = run_probe(tmp / "runs.pt", entries, [*RUN, *overrides, f"run.dir={tmp}"], 2)
+        # One probe step (LM loss x 0: the aux losses' gradients alone); pp=1 only.
+        probes = [] if layout == "pp2" else [_entry(n, "probe.train=false") for n in NAMES]
+        res = run_probe(tmp / "runs.pt", entries + probes,
+                        [*RUN, *overrides, f"run.dir={tmp}"], 2)
         out[layout] = {n: res[e] for n, e in zip(NAMES, entries)}
+        out[layout].update({f"{n}/probe": res[e] for n, e in zip(NAMES, probes)})
     return out
 
 
 @pytest.fixture(scope="module")
 def ws1(layouts, tmp_path_factory) -> dict:
     """World size 1, per router: 20 steps; 10 steps (checkpointed) then resumed to 20; the
-    EP=2 run resumed to 20; for vq a probe step (router inputs, tracker values)."""
+    EP=2 run resumed to 20; a probe step (router inputs, aux-loss gradients, tracker
+    values)."""
     tmp = tmp_path_factory.mktemp("ws1")
     plan = {}
     for n in NAMES:
@@ -72,7 +79,7 @@ def ws1(layouts, tmp_path_factory) -> dict:
         plan[f"{n}/first10"] = _entry(n, SAVE, "train.exit_at_step=10", f"probe.run_dir={n}_res")
         plan[f"{n}/resumed"] = _entry(n, f"probe.run_dir={n}_res")
         plan[f"{n}/from_ep2"] = _entry(n, f"probe.run_dir={layouts['ep2'][n]['run_dir']}")
-    plan["vq/probe"] = _entry("vq", "probe.train=false", "probe.inputs=true")
+        plan[f"{n}/probe"] = _entry(n, "probe.train=false", "probe.inputs=true")
     res = run_probe(tmp / "runs.pt", list(plan.values()),
                     [*RUN, "parallel.world_size=1", "parallel.ep=1", f"run.dir={tmp}"], 1)
     return {key: res[e] for key, e in plan.items()}
@@ -93,6 +100,28 @@ def test_layout_matches_world_size_1(name, layout, layouts, ws1):
     g_want, g_got = _grad_norms(want["run_dir"]), _grad_norms(got["run_dir"])
     for step in range(1, 6):
         assert abs(g_got[step] - g_want[step]) <= 1e-3 * g_want[step], (step, g_got, g_want)
+
+
+@pytest.mark.parametrize("layout", ["ep2", "tp2_sp"])
+@pytest.mark.parametrize("name", NAMES)
+def test_aux_loss_gradients_are_layout_invariant(name, layout, layouts, ws1):
+    """The router gradients of the aux losses alone (L_bal, L_vq / InfoNCE; LM loss x 0,
+    normalised as in training) equal world size 1's: a missing or doubled per-token or
+    sequence-parallel normalisation would be off by a factor of 2. The commitment and
+    InfoNCE gradients reach earlier layers through the residual stream, so every router
+    parameter but the last layer's branch-only ones gets one. Bound: 1e-4 of the
+    largest entry; float32 reduction order gives up to 2e-5 on the mixing gate of the
+    first layer (a small, second-order gradient with cancellations), ~1e-6 elsewhere."""
+    ref, got = ws1[f"{name}/probe"], layouts[layout][f"{name}/probe"]
+    for layer, rec in ref["layers"].items():
+        for pname, g_ref in rec["grads"].items():
+            g = got["layers"][layer]["grads"][pname]
+            scale = g_ref.abs().max().item()
+            if scale == 0:  # e.g. the last layer's mixing gate: no aux loss downstream
+                assert g.abs().max().item() == 0, (layer, pname)
+                continue
+            err = (g - g_ref).abs().max().item()
+            assert err <= 1e-4 * scale, (layer, pname, err / scale)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -126,7 +155,7 @@ def test_resume_from_ep2_at_world_size_1(name, layouts, ws1):
 def test_new_losses_are_logged_per_layer(ws1):
     for name, loss in (("vq", "vq_loss"), ("stochastic", "uncertainty_loss")):
         records = [r for r in read_metrics(ws1[f"{name}/full"]["run_dir"]) if "train/loss" in r]
-        for layer in range(4):
+        for layer in range(LAYERS):
             key = f"moe/{loss}/layer_{layer}"
             values = [r[key] for r in records]
             assert len(values) == 20 and all(math.isfinite(v) and v > 0 for v in values), key
