@@ -134,7 +134,7 @@ def _cfg(*overrides):
      "moe.router.infonce_temperature=0"),
     (["moe.router.name=stochastic", "moe.router.inference_k=9"],
      "moe.router.inference_k=9 must be in"),
-    (["moe.router.name=stochastic", "train.recompute=true"], "set train.recompute=false"),
+    (["moe.router.name=vq", "moe.dispatcher=flex"], "moe.dispatcher="),
 ])
 def test_config_errors_are_one_line(overrides, message, repo, monkeypatch):
     monkeypatch.chdir(repo)
@@ -147,5 +147,7 @@ def test_config_defaults_resolve(repo, monkeypatch):
     monkeypatch.chdir(repo)
     vq = router_config_for(_cfg("moe.router.name=vq"))
     assert vq.smoe_topk == 1 and vq.transformer_config_overrides()["moe_router_topk"] == 1
+    assert vq.codebook_size == 16  # max(16, moe.num_experts = 8)
+    assert router_config_for(_cfg("moe.router.name=vq", "moe.num_experts=32")).codebook_size == 32
     s2 = router_config_for(_cfg("moe.router.name=stochastic"))
     assert s2.inference_k == 1 and s2.seed == 1234

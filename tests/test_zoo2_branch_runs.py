@@ -42,6 +42,7 @@ LAYOUTS = {
     "pp2": ["parallel.ep=1", "parallel.pp=2"],
 }
 SAVE = "checkpoint.enabled=true"
+SHARED = "moe.shared_expert_size=64"
 
 
 def _entry(name: str, *items: str) -> str:
@@ -60,10 +61,13 @@ def layouts(tmp_path_factory) -> dict:
         entries = [_entry(n, *items, f"probe.run_dir={n}") for n in NAMES]
         # One probe step (LM loss x 0: the aux losses' gradients alone); pp=1 only.
         probes = [] if layout == "pp2" else [_entry(n, "probe.train=false") for n in NAMES]
+        if layout == "tp2_sp":  # a shared expert (TP-sharded) beside the two branches
+            probes += [_entry(n, SHARED, "probe.train=false") for n in NAMES]
         res = run_probe(tmp / "runs.pt", entries + probes,
                         [*RUN, *overrides, f"run.dir={tmp}"], 2)
         out[layout] = {n: res[e] for n, e in zip(NAMES, entries)}
         out[layout].update({f"{n}/probe": res[e] for n, e in zip(NAMES, probes)})
+        out[layout].update({f"{n}/shared": res[e] for n, e in zip(NAMES, probes[2:])})
     return out
 
 
@@ -80,6 +84,9 @@ def ws1(layouts, tmp_path_factory) -> dict:
         plan[f"{n}/resumed"] = _entry(n, f"probe.run_dir={n}_res")
         plan[f"{n}/from_ep2"] = _entry(n, f"probe.run_dir={layouts['ep2'][n]['run_dir']}")
         plan[f"{n}/probe"] = _entry(n, "probe.train=false", "probe.inputs=true")
+        plan[f"{n}/shared"] = _entry(n, SHARED, "probe.train=false")
+    plan["stochastic/recompute"] = _entry("stochastic", "train.recompute=true",
+                                          "train.exit_at_step=5", "probe.run_dir=recompute")
     res = run_probe(tmp / "runs.pt", list(plan.values()),
                     [*RUN, "parallel.world_size=1", "parallel.ep=1", f"run.dir={tmp}"], 1)
     return {key: res[e] for key, e in plan.items()}
@@ -122,6 +129,28 @@ def test_aux_loss_gradients_are_layout_invariant(name, layout, layouts, ws1):
                 continue
             err = (g - g_ref).abs().max().item()
             assert err <= 1e-4 * scale, (layer, pname, err / scale)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shared_expert_beside_the_branches(name, layouts, ws1):
+    """A shared expert is added outside the mixture; TP=2+SP (its weights TP-sharded)
+    gives world size 1's layer outputs."""
+    ref, got = ws1[f"{name}/shared"], layouts["tp2_sp"][f"{name}/shared"]
+    assert math.isfinite(ref["loss"]) and abs(got["loss"] - ref["loss"]) < 1e-5
+    for layer, rec in ref["layers"].items():
+        torch.testing.assert_close(got["layers"][layer]["moe_out"], rec["moe_out"],
+                                   rtol=0, atol=1e-5)
+        differs = (rec["moe_out"] - ws1[f"{name}/probe"]["layers"][layer]["moe_out"]).abs()
+        assert differs.max() > 1e-3, "the shared expert changed nothing"
+
+
+def test_s2moe_noise_survives_activation_recompute(ws1):
+    """train.recompute re-runs each layer's forward in the backward; the second run takes
+    the first one's noise, so the losses are the run's without recompute."""
+    got, want = ws1["stochastic/recompute"]["losses"], ws1["stochastic/full"]["losses"][:5]
+    assert len(got) == 5
+    for a, b in zip(got, want):
+        assert abs(a - b) < 1e-6, (got, want)
 
 
 @pytest.mark.parametrize("name", NAMES)

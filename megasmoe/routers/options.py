@@ -359,8 +359,8 @@ class SimSMoEConfig(RouterConfigBase):
 class VQMoEConfig(RouterConfigBase):
     """Fields of the ``vq`` router (authors' defaults: giangdip2410/VQMoE, enwik8 scripts)."""
 
-    codebook_size: int = 16
-    """K, entries of the codebook (K x d); the VQ expert of entry j is j mod moe.num_experts."""
+    codebook_size: Optional[int] = None
+    """K, codebook entries (K x d; entry j's VQ expert is j mod E); null = max(16, moe.num_experts) (authors: 16 of 16)."""
     commitment: float = 0.25
     """Weight of the commitment term MSE(sg(C_j), x) inside L_vq."""
     contrib_rate: float = 0.05
@@ -386,6 +386,8 @@ class VQMoEConfig(RouterConfigBase):
         if not 1 <= self.smoe_topk <= E:
             raise ConfigError(f"moe.router.smoe_topk={self.smoe_topk} must be in "
                               f"[1, moe.num_experts={E}]")
+        if self.codebook_size is None:
+            self.codebook_size = max(16, E)
         if self.codebook_size < E:
             raise ConfigError(
                 f"moe.router.codebook_size={self.codebook_size} is under moe.num_experts={E}: "
@@ -396,7 +398,7 @@ class VQMoEConfig(RouterConfigBase):
         for name in ("commitment", "vq_loss_coeff"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"moe.router.{name}={getattr(self, name)} must be >= 0")
-        _refuse_two_branch_limits("vq", cfg)
+        _refuse_flex("vq", cfg, "runs its VQ expert through layer.run_experts")
 
     def transformer_config_overrides(self) -> dict:
         # The layer's dispatcher routes smoe_topk experts per token for the SMoE branch; the
@@ -461,18 +463,5 @@ class S2MoEConfig(RouterConfigBase):
             raise ConfigError("moe.router.name=stochastic contrasts the tokens of whole "
                               "sequences (InfoNCE), which context parallelism splits; set "
                               "parallel.cp=1")
-        if cfg.train.recompute:
-            raise ConfigError("moe.router.name=stochastic draws its noise per micro batch in "
-                              "forward order, which activation recomputation would redraw; "
-                              "set train.recompute=false")
-        _refuse_two_branch_limits("stochastic", cfg)
+        _refuse_flex("stochastic", cfg, "runs its noisy pass through layer.run_experts")
         self.seed = cfg.run.seed  # the noise streams derive from the run's seed
-
-
-def _refuse_two_branch_limits(name: str, cfg) -> None:
-    """What the two-branch routers (vq, stochastic) cannot run with."""
-    if cfg.moe.shared_expert_size:
-        raise ConfigError(f"moe.router.name={name} mixes the SMoE output with a second branch "
-                          f"and megatron adds the shared expert inside the SMoE output, where "
-                          f"the mixing weight would scale it; set moe.shared_expert_size=0")
-    _refuse_flex(name, cfg, "runs a second expert pass through layer.run_experts")

@@ -9,7 +9,8 @@ No public code was found; this is reconstructed from the paper's abstract
   softmax(g), the shared router weight W_r), and y_n = SMoE(x_n) (the same gate and
   experts on the noisy copy; the layer's dispatcher, so expert parallelism works as for
   any pass).
-- A one-layer mixing gate [w0, w1] = softmax(Linear(d, 2)(x)); y = w0 y_d + w1 y_n.
+- A one-layer mixing gate [w0, w1] = softmax(Linear(d, 2)(x)); y = w0 y_d + w1 y_n (a
+  shared expert, if any, is added outside the mixture, on x only).
 - Uncertainty loss: InfoNCE between y_d and y_n. Anchor y_d of token t, positive y_n of
   t, negatives y_n of the other tokens of its sequence, cosine similarity over a
   temperature; mean over tokens, times ``uncertainty_loss_coeff``, logged as
@@ -43,7 +44,7 @@ layer, optimizer step, global index of the micro batch in the step), over the wh
 sequence, each sequence-parallel rank keeping its slice. So every parallel layout draws
 the same noise for the same token, and a resumed run draws what an uninterrupted one
 does; the micro batch index is the count of training forwards since ``on_train_step``
-(which is why activation recomputation, which re-runs forwards, is refused).
+(activation recomputation's second forward of a micro batch reuses its first's index).
 
 Trained: W_r (key ``router.weight``, as ``topk``), ``router.mix_weight``,
 ``router.mix_bias``. Training cost per token: 2 k experts and two dispatches; inference:
@@ -51,6 +52,8 @@ Trained: W_r (key ``router.weight``, as ``topk``), ``router.mix_weight``,
 """
 
 from __future__ import annotations
+
+import collections
 
 import torch
 from megatron.core import parallel_state
@@ -61,7 +64,7 @@ from megasmoe.routers import functional as RF
 from megasmoe.routers.base import SpecRouter
 from megasmoe.routers.options import S2MoEConfig
 from megasmoe.routers.registry import register_router
-from megasmoe.routers.vq import add_branch_gate, group_token_count
+from megasmoe.routers.vq import add_branch_gate, group_token_count, routed_and_shared
 
 __all__ = ["S2MoEConfig", "S2MoERouter", "noise_seed"]
 
@@ -84,11 +87,13 @@ class S2MoERouter(LayerBound, SpecRouter):
         add_branch_gate(self, self.config.hidden_size)
         self.train_topk = self.topk
         self._step, self._micro_batch = 0, 0
+        self._recompute_keys: collections.deque = collections.deque()
         self._routed = None
         self.mark_sequence_parallel()
 
     def on_train_step(self, step: int, total_steps: int) -> None:
         self._step, self._micro_batch = step, 0
+        self._recompute_keys = collections.deque()
 
     def current_k(self) -> int:
         """moe.topk in training, inference_k in evaluation."""
@@ -110,11 +115,8 @@ class S2MoERouter(LayerBound, SpecRouter):
     def noise(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(n1, n2) ~ N(0, I) shaped like ``hidden`` [S/TP, B, H]: this rank's slice of the
         micro batch's draws (see the module docstring)."""
-        dp = parallel_state.get_data_parallel_world_size()
-        micro_batch = self._micro_batch * dp + parallel_state.get_data_parallel_rank()
-        self._micro_batch += 1
         seed = noise_seed(getattr(self.router_config, "seed", 0), self.layer_number or 0,
-                          self._step, micro_batch)
+                          self._step, self._micro_batch_index())
         gen = torch.Generator(device=hidden.device)
         gen.manual_seed(seed)
         s_local = hidden.shape[0]
@@ -125,6 +127,23 @@ class S2MoERouter(LayerBound, SpecRouter):
         part = full[:, rank * s_local:(rank + 1) * s_local]
         return part[0], part[1]
 
+    def _micro_batch_index(self) -> int:
+        """Global index of this forward's micro batch in the step (data-parallel rank r of
+        d runs micro batches r, d + r, 2 d + r, ...: the sampler's order).
+
+        Activation recomputation runs each layer's forward twice: first without
+        gradients (its index is queued), then again in the backward, in the same micro
+        batch order (it takes the queued index), so both draw the same noise.
+        """
+        if torch.is_grad_enabled() and self._recompute_keys:
+            return self._recompute_keys.popleft()
+        dp = parallel_state.get_data_parallel_world_size()
+        index = self._micro_batch * dp + parallel_state.get_data_parallel_rank()
+        self._micro_batch += 1
+        if not torch.is_grad_enabled():
+            self._recompute_keys.append(index)
+        return index
+
     # ---------------------------------------------------------------- the layer
 
     def moe_forward(self, layer, hidden, padding_mask=None):
@@ -133,7 +152,7 @@ class S2MoERouter(LayerBound, SpecRouter):
         if not self.training:
             return layer.smoe(hidden, padding_mask)
         rc, dtype, E = self.router_config, self.routing_dtype, self.config.num_moe_experts
-        y_d, bias = layer.smoe(hidden, padding_mask)
+        y_d, shared = routed_and_shared(layer, hidden, padding_mask)
         n1, n2 = self.noise(hidden)
         x_n = RF.noisy_input(hidden.to(dtype), n1.to(dtype), n2.to(dtype), rc.noise_mul_mean,
                              rc.noise_mul_std, rc.noise_add_std)
@@ -156,7 +175,9 @@ class S2MoERouter(LayerBound, SpecRouter):
         out = (w[..., :1] * y_d.to(dtype) + w[..., 1:] * y_n.to(dtype)).to(hidden.dtype)
         if torch.is_grad_enabled() and rc.uncertainty_loss_coeff > 0:
             out = self._attach_uncertainty_loss(out, y_d, y_n, valid)
-        return out, bias
+        if shared is not None:
+            out = out + shared
+        return out, None
 
     def _gather_sequence(self, y: torch.Tensor) -> torch.Tensor:
         if not self._sequence_parallel():

@@ -13,7 +13,7 @@ Per MoE layer, for each token x (d):
   (``layer.run_experts``), so under expert parallelism it runs wherever expert j mod E
   lives.
 - Mixing gate [w0, w1] = softmax(Linear(d, 2)(x)) (with bias, torch Linear init);
-  y = w0 y_smoe + w1 y_vq.
+  y = w0 y_smoe + w1 y_vq (+ the shared expert's output, outside the mixture).
 - L_vq = MSE(C_j, sg(x)) + 0.25 MSE(sg(C_j), x) (``commitment``), times ``vq_loss_coeff``
   (0.08), logged as ``moe/vq_loss/layer_i``.
 
@@ -32,8 +32,8 @@ Deviations: the loss is attached through megatron (logged per layer, scaled for 
 loss normalisation, its squared errors divided by the token count of the whole
 tensor/context-parallel group so that it does not depend on TP). The authors' optional
 codebook variants (cosine / residual / balanced VQ) are not implemented (their scripts use
-``vqtype base``, this one). A shared expert is refused (it would sit inside the SMoE
-branch's weight w0).
+``vqtype base``, this one). A shared expert (the authors have none) is added outside
+the mixture: y = w0 y_smoe + w1 y_vq + shared(x).
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ from megasmoe.routers.base import SpecRouter, orthogonal_init
 from megasmoe.routers.options import VQMoEConfig
 from megasmoe.routers.registry import register_router
 
-__all__ = ["VQMoEConfig", "VQMoERouter", "add_branch_gate", "group_token_count"]
+__all__ = ["VQMoEConfig", "VQMoERouter", "add_branch_gate", "routed_and_shared",
+           "group_token_count"]
 
 
 def add_branch_gate(router: torch.nn.Module, hidden_size: int) -> None:
@@ -64,6 +65,17 @@ def add_branch_gate(router: torch.nn.Module, hidden_size: int) -> None:
     router.mix_bias = torch.nn.Parameter(init((2,), None))
     router.mix_weight.megasmoe_init = init
     router.mix_bias.megasmoe_init = init
+
+
+def routed_and_shared(layer, hidden: torch.Tensor, padding_mask):
+    """megatron's MoE pass in two parts: (routed output through this layer's router and
+    dispatcher, shared expert output or None), so a second branch mixes with the routed
+    experts only and the shared expert stays outside the mixture, as in the SMoE layer."""
+    shared = layer.shared_experts_compute(hidden)
+    if padding_mask is not None:  # the layer receives [B, S]; megatron routes with [S, B]
+        padding_mask = padding_mask.transpose(0, 1).bool()
+    probs, routing_map = layer.route(hidden, padding_mask)
+    return layer.run_experts(hidden, probs, routing_map), shared
 
 
 def group_token_count(local: int, valid: torch.Tensor | None, group) -> torch.Tensor | int:
@@ -116,9 +128,10 @@ class VQMoERouter(LayerBound, SpecRouter):
                             self.vq_norm_bias.to(x.dtype))
 
     def moe_forward(self, layer, hidden, padding_mask=None):
-        """y = w0 SMoE(x) + w1 LN(Expert_{j mod E}(LN(x~))); L_vq attached in training."""
+        """y = w0 SMoE(x) + w1 LN(Expert_{j mod E}(LN(x~))) (+ the shared expert); L_vq
+        attached in training."""
         rc = self.router_config
-        y_smoe, bias = layer.smoe(hidden, padding_mask)
+        y_smoe, shared = routed_and_shared(layer, hidden, padding_mask)
         dtype, E = self.routing_dtype, self.config.num_moe_experts
         x = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
         codebook = self.codebook.to(dtype)
@@ -137,9 +150,11 @@ class VQMoERouter(LayerBound, SpecRouter):
         w = RF.branch_mix(x, self.mix_weight.to(dtype), self.mix_bias.to(dtype))
         w = w.reshape(*hidden.shape[:-1], 2)
         out = (w[..., :1] * y_smoe.to(dtype) + w[..., 1:] * y_vq).to(hidden.dtype)
+        if shared is not None:
+            out = out + shared
         if self.training and torch.is_grad_enabled() and rc.vq_loss_coeff > 0:
             out = self._attach_vq_loss(out, x, code, valid)
-        return out, bias
+        return out, None
 
     def _attach_vq_loss(self, out, x, code, valid):
         rc = self.router_config
