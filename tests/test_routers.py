@@ -14,6 +14,8 @@ routers in turn, and the world-size-1 references are module-scoped and shared:
 * aux-loss gradients: the router gradient of the aux losses alone (LM loss x 0) is the
   same at DP=2, EP=2 and TP=2+SP as at world size 1;
 * every router trains (20 steps, EP=2, 2 processes): the loss falls;
+* routers of OWN_FILE (compete, simsmoe, vq, stochastic): contract and golden here, the
+  rest in their file;
 * spectral switched onto the topk model of that training (its checkpoint): finite loss;
   with c = 0 it routes exactly like topk.
 
@@ -70,6 +72,12 @@ ROUTER_ARGS = {
 # Experts per token of a router's own routing map where it is not moe.topk: vq routes
 # top-(k-1) and adds its VQ expert in a second pass of the layer (not in the map).
 ROUTER_K = {"vq": K - 1}
+# Routers tested here at world size 1 only (contract, golden); their layout and training
+# tests, on the steps that matter (competition, CKA; the second branches' losses, noise
+# and state), share launches in their own file.
+OWN_FILE = {"compete": "tests/test_zoo2_routers.py", "simsmoe": "tests/test_zoo2_routers.py",
+            "vq": "tests/test_zoo2_branch_runs.py", "stochastic": "tests/test_zoo2_branch_runs.py"}
+SHARED = [n for n in ROUTERS if n not in OWN_FILE]
 FROZEN = {"smoe_dropout": {"weight"},
           "hyper": {"hyper_w1", "hyper_b1", "hyper_w2", "hyper_b2"}}
 AUX_ROUTERS = ["topk", "sigmoid_bias", "xmoe", "stablemoe", "hyper", "unified", "spectral",
@@ -163,7 +171,7 @@ def layouts(labels, tmp_path_factory):
             if layout == "dp2":  # only the aux-loss gradients are compared at DP=2
                 entries = [labels[n] for n in AUX_ROUTERS] + list(AUX_EXTRA.values())
             else:
-                entries = [labels[n] for n in ROUTERS] + [*VARIANTS.values(),
+                entries = [labels[n] for n in SHARED] + [*VARIANTS.values(),
                                                           *AUX_EXTRA.values()]
             cache[layout] = run_probe(tmp / "probe.pt", entries,
                                       [*BASE, *LAYOUTS[layout], f"run.dir={tmp}"], 2)
@@ -389,7 +397,7 @@ def test_router_matches_reference_math_in_the_model(name, labels, ws1):
 
 
 @pytest.mark.parametrize("layout", ["ep2", "tp2_sp"])
-@pytest.mark.parametrize("name", [*ROUTERS, *VARIANTS])
+@pytest.mark.parametrize("name", [*SHARED, *VARIANTS])
 def test_layout_routes_like_world_size_1(name, layout, labels, ws1, layouts):
     label = VARIANTS.get(name) or labels[name]
     ref, got = ws1[label], layouts(layout)[label]
@@ -447,16 +455,16 @@ def trained(labels, tmp_path_factory) -> dict:
     """20 steps of every router at EP=2 (2 processes, one process group for all); the topk
     run also saves its checkpoint (for the spectral test)."""
     tmp = tmp_path_factory.mktemp("train")
-    entries = [labels[n] + (":checkpoint.enabled=true" if n == "topk" else "") for n in ROUTERS]
+    entries = [labels[n] + (":checkpoint.enabled=true" if n == "topk" else "") for n in SHARED]
     results = run_probe(tmp / "train.pt", entries,
                         [*FAST, *TRAIN, f"run.dir={tmp}", "probe.train=true"], 2)
-    return {name: results[entry] for name, entry in zip(ROUTERS, entries)}
+    return {name: results[entry] for name, entry in zip(SHARED, entries)}
 
 
 TRAIN = ["train.steps=20", "checkpoint.enabled=false", "logging.tensorboard=false"]
 
 
-@pytest.mark.parametrize("name", ROUTERS)
+@pytest.mark.parametrize("name", SHARED)
 def test_router_trains(name, trained):
     losses = trained[name]["losses"]
     assert len(losses) == 20 and all(math.isfinite(v) for v in losses), losses
