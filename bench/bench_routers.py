@@ -8,6 +8,10 @@ is built at the config's shape; the first MoE layer is timed on the same random 
 whole MoE layer (output.sum().backward()), median of --repeats runs, all in one run. The
 table reports milliseconds and ratios to ``topk`` (goal: within 1.10x for the MoE layer
 except routers that are heavier by design: unified, spectral's first call, hyper).
+Routers that run experts inside the layer are timed on normal steps and on the steps
+that do the extra work: ``compete`` (normal: frequency 0) and ``compete_step`` (a
+competition step, every expert on every token), ``simsmoe`` (no pair armed) and
+``simsmoe_cka`` (every pair armed: CKA on each).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+    from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from megasmoe import platform
     from megasmoe.config import load_config, validate
@@ -56,20 +61,28 @@ def main(argv=None) -> int:
     base = ["parallel.world_size=1", "parallel.ep=1", "moe.dispatcher=allgather",
             "checkpoint.enabled=false", "logging.tensorboard=false",
             "run.dir=/tmp/megasmoe-bench", *args.overrides]
-    extra = {"smoe_dropout": ["moe.aux_loss_type=none"]}
+    extra = {"smoe_dropout": ["moe.aux_loss_type=none"], "compete": ["moe.router.frequency=0"]}
+    # label -> (router, overrides): the expensive steps of the expert-output routers.
+    variants = {"compete_step": ("compete", ["moe.router.frequency=1"]),
+                "compete_v2_step": ("compete", ["moe.router.version=v2",
+                                                "moe.router.frequency=1"]),
+                "simsmoe_cka": ("simsmoe", ["moe.router.cont_freq=-1", "moe.router.tau=-1"])}
+    entries = [(n, n, extra.get(n, [])) for n in registered_routers()]
+    entries += [(label, n, o) for label, (n, o) in variants.items()]
     rows = []
     initialised = False
-    for name in registered_routers():
+    for label, name, overrides in entries:
         cfg = validate(load_config(args.config, [*base, f"moe.router.name={name}",
-                                                 *extra.get(name, [])]), 1)
+                                                 *overrides]), 1)
         resolve_data(cfg)
         if not initialised:
             init_distributed(cfg)
             initialised = True
         trainer = Trainer(cfg)
-        layer = next(m for m in trainer.unwrapped[0].modules()
-                     if type(m).__name__ == "MoELayer")
+        layer = next(m for m in trainer.unwrapped[0].modules() if isinstance(m, MoELayer))
         layer.train()
+        for router in trainer.routers:  # step 0: competition / armed pairs take effect
+            router.on_train_step(0, cfg.train.steps)
         t = cfg.train
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(t.seq_length, t.micro_batch_size, cfg.model.hidden_size,
@@ -85,16 +98,16 @@ def main(argv=None) -> int:
             out, _ = layer(inp)
             out.sum().backward()
 
-        rows.append((name, _time(router_step, args.repeats), _time(layer_step, args.repeats)))
+        rows.append((label, _time(router_step, args.repeats), _time(layer_step, args.repeats)))
         trainer.close()
         destroy_num_microbatches_calculator()
     ref = {r[0]: r for r in rows}["topk"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device: {device}; shape: seq {t.seq_length} x batch {t.micro_batch_size} x "
           f"hidden {cfg.model.hidden_size}, {cfg.moe.num_experts} experts, top-{cfg.moe.topk}")
-    print(f"{'router':<14}{'router ms':>11}{'vs topk':>9}{'MoE layer ms':>14}{'vs topk':>9}")
+    print(f"{'router':<16}{'router ms':>11}{'vs topk':>9}{'MoE layer ms':>14}{'vs topk':>9}")
     for name, r_s, l_s in rows:
-        print(f"{name:<14}{r_s * 1e3:>11.3f}{r_s / ref[1]:>9.2f}{l_s * 1e3:>14.3f}{l_s / ref[2]:>9.2f}")
+        print(f"{name:<16}{r_s * 1e3:>11.3f}{r_s / ref[1]:>9.2f}{l_s * 1e3:>14.3f}{l_s / ref[2]:>9.2f}")
     destroy_distributed()
     return 0
 

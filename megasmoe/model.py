@@ -5,7 +5,9 @@ specs are megatron-core's own: the Transformer Engine spec when TE imports, else
 local spec with its norms swapped for ``RMSNorm`` below (megatron's local torch norm
 refuses sequence parallel) and its core attention for torch SDPA (``model.attention``,
 megasmoe/attention.py). The router comes from the registry through the
-``MoESubmodules.router`` plug point, so nothing here knows which router is used.
+``MoESubmodules.router`` plug point, so nothing here knows which router is used; each
+built MoE layer becomes a ``megasmoe.moe.MegasmoeMoELayer`` (megatron's, plus the
+extension point for routers that need expert outputs or a second branch).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megasmoe.attention import SDPAttention
 from megasmoe.config import Config
 from megasmoe.experts import experts_spec
+from megasmoe.moe import extend_moe_layer
 from megasmoe.routers import router_config_for, router_spec
 
 __all__ = [
@@ -299,6 +302,7 @@ def build_model_chunks(cfg: Config, tc: TransformerConfig) -> list[GPTModel]:
         for module in model.modules():
             # Routers that read expert weights (spectral) or hook the layer get it here.
             if isinstance(module, MoELayer):
+                extend_moe_layer(module)
                 module.router.bind_moe_layer(module)
         chunks.append(model)
     return chunks

@@ -15,10 +15,17 @@ Keys starting with ``probe.`` (global or per entry) steer the probe itself:
 - ``probe.lm=true``     also run a normal LM-loss backward and save its gradients.
 - ``probe.resume=true`` load the checkpoint of run.dir (``Trainer.resume``) first.
 - ``probe.inputs=true`` also save the router inputs and router state (golden checks).
-- ``probe.experts=true`` also save the experts' weights (world size 1 only).
+- ``probe.experts=true`` also save the experts' weights (world size 1 only; either
+  expert backend).
+- ``probe.moe_api=true`` after the step, under no_grad, on the first micro batch's MoE
+  input: ``layer.run_experts`` with a fixed routing of 3 experts per token
+  (t, t + 3, t + 5 mod E, weights 1, 2, 3 / 6) and ``layer.smoe`` (world size 1 only).
 - ``probe.train=true``  instead of probing, train with ``Trainer.fit`` (entry i in
-  run.dir/entry<i>) and save the per-step losses: ``{entry: {"losses": [...],
-  "run_dir": str}}``.
+  run.dir/entry<i>) and save the per-step losses and the final router state (this
+  rank's layers): ``{entry: {"losses": [...], "run_dir": str, "router_state": {layer:
+  {name: tensor}}}}``.
+- ``probe.run_dir=NAME`` with probe.train: train in run.dir/NAME instead, so a later
+  entry of the same probe can continue an earlier one's run (resume).
 
 Probe mode: one step of the trainer's own schedule (``Trainer._run_schedule``: forward,
 backward and ``finalize_model_grads``) on the first train.global_batch_size samples,
@@ -36,9 +43,12 @@ batch). Saved on rank 0:
              "layers": {layer: {"probs" [T, E], "routing_map" [T, E], "moe_out" [T, H],
                                 "x" [T, H] (probe.inputs), "state" {name: tensor},
                                 "grads": {param: main_grad or None},
+                                "aux_losses": {name: this rank's tracker value},
                                 "grads_lm": {...} (probe.lm),
                                 "requires_grad": {param: bool},
-                                "experts_fc1" [E, 2I, H], "experts_fc2" [E, H, I]}}}}
+                                "experts_fc1" [E, 2I, H], "experts_fc2" [E, H, I],
+                                "api_x" [S B, H], "api_probs" / "api_routing_map" [S B, E],
+                                "api_run_experts" / "api_smoe" [S B, H] (probe.moe_api)}}}}
 
 with T = all tokens of the global batch (micro batches concatenated in sample order).
 """
@@ -59,8 +69,8 @@ import torch.distributed as dist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny-cpu.yaml"
-PROBE_DEFAULTS = {"step": 0, "lm": False, "resume": False, "inputs": False,
-                  "experts": False, "train": False}
+PROBE_DEFAULTS = {"step": 0, "lm": False, "resume": False, "inputs": False, "run_dir": None,
+                  "experts": False, "train": False, "moe_api": False}
 
 
 def _split(items: list[str]) -> tuple[list[str], dict]:
@@ -157,6 +167,7 @@ def _probe_entry(cfg, probe: dict) -> dict:
     from megatron.core.num_microbatches_calculator import get_num_microbatches
     from megatron.core.transformer.moe import moe_utils
 
+    from megasmoe.experts import local_expert_weights
     from megasmoe.training.trainer import Trainer
     from megasmoe.experts import local_expert_weights
 
@@ -173,6 +184,7 @@ def _probe_entry(cfg, probe: dict) -> dict:
         layers = _moe_layers(trainer)
         caps = {i: {"probs": [], "routing_map": [], "moe_out": [], "x": []} for i in layers}
         states: dict = {}
+        api_inputs: dict = {}
         handles = []
         for i, layer in layers.items():
             def router_hook(module, args, output, i=i):
@@ -187,16 +199,24 @@ def _probe_entry(cfg, probe: dict) -> dict:
 
             def layer_hook(module, args, output, i=i):
                 out = output[0] if isinstance(output, tuple) else output
+                if probe["moe_api"] and i not in api_inputs:
+                    api_inputs[i] = args[0].detach().clone()
                 caps[i]["moe_out"].append(out.detach().reshape(-1, out.shape[-1]).clone())
 
             handles.append(layer.router.register_forward_hook(router_hook))
             handles.append(layer.register_forward_hook(layer_hook))
 
         losses = _run_step(trainer, lm_scale=0.0)
+        # The aux losses of that step per layer, as megatron's tracker holds them (summed
+        # over this rank's micro batches; not yet reduced over ranks).
+        aux = {name: v["values"].detach().clone().cpu()
+               for name, v in moe_utils.get_moe_layer_wise_logging_tracker().items()}
         for h in handles:
             h.remove()
         loss, _ = trainer._global_loss(losses)
         grads = {i: _grads(layer.router) for i, layer in layers.items()}
+        api = {i: _moe_api(layer, api_inputs[i]) for i, layer in layers.items()} \
+            if probe["moe_api"] else {}
         grads_lm = None
         if probe["lm"]:
             _run_step(trainer, lm_scale=1.0)
@@ -215,6 +235,7 @@ def _probe_entry(cfg, probe: dict) -> dict:
                 per_mb = [_gather_cat(c, sp_group) for c in chunks]
                 rec[key] = _gather_cat(torch.cat(per_mb, dim=0), dp_group).cpu()
             rec["grads"] = grads[i]
+            rec["aux_losses"] = {name: float(v[i]) for name, v in aux.items()}
             if grads_lm is not None:
                 rec["grads_lm"] = grads_lm[i]
             rec["requires_grad"] = {n: p.requires_grad for n, p in layer.router.named_parameters()}
@@ -222,9 +243,10 @@ def _probe_entry(cfg, probe: dict) -> dict:
                 rec["state"] = states[i]
             if probe["experts"]:
                 assert dist.get_world_size() == 1, "probe.experts needs world size 1"
-                weights = local_expert_weights(layer.experts)  # any expert backend
+                weights = local_expert_weights(layer.experts)
                 rec["experts_fc1"] = torch.stack([w1.detach().clone() for w1, _ in weights]).cpu()
                 rec["experts_fc2"] = torch.stack([w2.detach().clone() for _, w2 in weights]).cpu()
+            rec.update(api.get(i, {}))
             out_layers[i] = rec
         t = cfg.train
         meta = {
@@ -241,13 +263,33 @@ def _probe_entry(cfg, probe: dict) -> dict:
         trainer.close()
 
 
+@torch.no_grad()
+def _moe_api(layer, hidden: torch.Tensor) -> dict:
+    """run_experts with a fixed 3-expert routing and smoe, on ``hidden`` [S, B, H]."""
+    assert dist.get_world_size() == 1, "probe.moe_api needs world size 1"
+    n, num_experts = hidden.shape[0] * hidden.shape[1], layer.config.num_moe_experts
+    t = torch.arange(n, device=hidden.device)
+    chosen = torch.stack([t % num_experts, (t + 3) % num_experts, (t + 5) % num_experts], -1)
+    weights = torch.tensor([1.0, 2.0, 3.0], device=hidden.device).expand(n, 3) / 6
+    routing_map = torch.zeros(n, num_experts, dtype=torch.bool,
+                              device=hidden.device).scatter(-1, chosen, True)
+    probs = torch.zeros(n, num_experts, device=hidden.device).scatter(-1, chosen, weights)
+    out = layer.run_experts(hidden, probs, routing_map)
+    smoe, _ = layer.smoe(hidden)
+    flat = lambda v: v.detach().reshape(n, -1).clone().cpu()  # noqa: E731
+    return {"api_x": flat(hidden), "api_probs": probs.cpu(), "api_routing_map": routing_map.cpu(),
+            "api_run_experts": flat(out), "api_smoe": flat(smoe)}
+
+
 def _train_entry(cfg) -> dict:
     from megasmoe.training.trainer import Trainer
 
     trainer = Trainer(cfg)
     try:
         result = trainer.fit()
-        return {"losses": list(result["losses"]), "run_dir": str(cfg.run.path)}
+        state = {i: _router_state(layer.router) for i, layer in _moe_layers(trainer).items()}
+        return {"losses": list(result["losses"]), "run_dir": str(cfg.run.path),
+                "router_state": state}
     finally:
         trainer.close()
 
@@ -273,7 +315,7 @@ def main(argv: list[str]) -> int:
             extra = []
             if probe["train"]:
                 base = Path(load_config(CONFIG, overrides).run.path)
-                extra = [f"run.dir={base / f'entry{index}'}"]
+                extra = [f"run.dir={base / (probe['run_dir'] or f'entry{index}')}"]
             cfg = validate(load_config(CONFIG, [*overrides, f"moe.router.name={name}",
                                                 *entry_overrides, *extra]), world)
             resolve_data(cfg)  # as `megasmoe pretrain`: prepare / check the data first

@@ -574,6 +574,8 @@ EXPORTABLE = {
                                  "model.qkv_bias=true", "model.head_dim=24",
                                  "model.share_embeddings=true"], "GptOssForCausalLM", 2),
     "hyper_bf16": (["moe.router.name=hyper", "train.precision=bf16"], "GptOssForCausalLM", 2),
+    # S2MoE's inference is one noise-free pass with inference_k (default moe.topk // 2).
+    "stochastic": (["moe.router.name=stochastic"], "MixtralForCausalLM", 1),
 }
 
 
@@ -626,6 +628,10 @@ REFUSED = {
                              r"^router domain_steer cannot be exported to a standard "
                              r"architecture; layer 0 adds a per-expert bias .* \(model\."
                              r"qk_norm=head"),
+    "vq": (["moe.router.name=vq"],
+           r"^router vq cannot be exported to a standard architecture; VQMoE adds to every "
+           r"token the expert its nearest codebook entry picks, .*--remote-code architecture "
+           r"does not implement either; dropping that branch would change the model$"),
     "sigmoid_dense_in_between": (["moe.router.score_function=sigmoid", "moe.layer_freq=[1,0]"],
                                  r"glm4_moe: moe\.layer_freq puts dense layers after MoE "
                                  r"layers"),

@@ -222,6 +222,24 @@ def _sigmoid_bias(ctx: RouterContext) -> GateExport:
                       used={"weight", "expert_bias"})
 
 
+@register_exporter("compete")
+def _compete(ctx: RouterContext) -> GateExport:
+    """CompeteSMoE: competition is a training-time schedule; inference is top-k of W x,
+    softmax over the selected (megatron pre_softmax=false)."""
+    return GateExport(ctx.tensor("weight"), _topk_routing(ctx, "softmax", False, None),
+                      used={"weight"})
+
+
+@register_exporter("simsmoe")
+def _simsmoe(ctx: RouterContext) -> GateExport:
+    """SimSMoE: the SMoE gate W; the CKA projection and the pair tracker train only."""
+    return GateExport(ctx.tensor("weight"), _topk_routing(ctx, "softmax", False, None),
+                      used={"weight"},
+                      ignored={"projection": "CKA projection P of the training-time "
+                                             "similarity loss",
+                               "pair_tracking": "training-time expert-pair counter"})
+
+
 @register_exporter("domain_steer")
 def _domain_steer(ctx: RouterContext) -> GateExport:
     """W plus the fixed steering bias on the logits (a constant one folds away)."""
@@ -294,3 +312,24 @@ def _unified(ctx: RouterContext) -> GateExport:
         "exactly k experts; its W_r was trained under this cross-token selection, so a "
         "per-token top-k gate with the same weights would be a different model; to get an "
         "exportable checkpoint, train with topk"))
+
+
+@register_exporter("stochastic")
+def _stochastic(ctx: RouterContext) -> GateExport:
+    """S2MoE's inference: no noise, one pass, W_r with moe.router.inference_k experts."""
+    from megasmoe.routers.options import S2MoEConfig
+
+    k = ctx.options.get("inference_k") or S2MoEConfig.default_inference_k(ctx.topk)
+    unused = "S2MoE's mixing gate weighs the noise branch, which inference does not run"
+    return GateExport(ctx.tensor("weight"), _topk_routing(ctx, "softmax", False, None, topk=k),
+                      used={"weight"}, ignored={"mix_weight": unused, "mix_bias": unused})
+
+
+@register_exporter("vq")
+def _vq(ctx: RouterContext) -> GateExport:
+    """Refused: VQMoE's second branch is not a gate."""
+    raise _refuse("vq", (
+        "VQMoE adds to every token the expert its nearest codebook entry picks, run on a "
+        "LayerNorm'd copy of the token and mixed in by a learned two-way gate, which no "
+        "standard architecture has and megasmoe's --remote-code architecture does not "
+        "implement either; dropping that branch would change the model"))

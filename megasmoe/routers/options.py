@@ -20,7 +20,9 @@ from megasmoe.routers.registry import router_options
 
 __all__ = ["RouterConfigBase", "TopKConfig", "SigmoidBiasConfig", "XMoEConfig",
            "StableMoEConfig", "SMoEDropoutConfig", "DomainSteerConfig", "HyperConfig",
-           "SpectralConfig", "UnifiedConfig", "read_steering_file", "UNIFIED_GROUPS"]
+           "SpectralConfig", "UnifiedConfig", "CompeteConfig", "SimSMoEConfig",
+           "read_steering_file", "UNIFIED_GROUPS", "COMPETE_VERSIONS", "SIMSMOE_KERNELS",
+           "VQMoEConfig", "S2MoEConfig", "S2MOE_NOISE_ROUTING"]
 
 UNIFIED_GROUPS = ("sequence", "micro_batch", "causal")
 """Token groups of the ``unified`` router's cross-token top-k."""
@@ -245,3 +247,221 @@ class UnifiedConfig(RouterConfigBase):
         if cfg.parallel.cp > 1:
             raise ConfigError("moe.router.name=unified needs whole sequences on a rank; "
                               "set parallel.cp=1")
+
+
+COMPETE_VERSIONS = ("v1", "v2")
+"""CompeteSMoE versions: v1 (Pham, Do et al. 2024), v2 (Nguyen et al. 2025)."""
+_COMPETE_DEFAULTS = {
+    # field: (v1, v2)
+    "frequency": (1.0, 0.07),
+    "max_layers": (None, 3),
+    "router_loss_coeff": (0.05, 0.001),
+    "diversity_coeff": (0.0, 0.005),
+    "entropy_coeff": (0.0, 0.005),
+    "entropy_coeff_normal": (0.0, 0.01),
+}
+
+
+def _refuse_flex(name: str, cfg, why: str) -> None:
+    """Refuse the flex dispatcher for routers that run experts outside the dispatch."""
+    if cfg.moe.dispatcher == "flex":
+        raise ConfigError(f"moe.router.name={name} {why}, which megasmoe does not do through "
+                          f"the flex (DeepEP) dispatcher; set moe.dispatcher=allgather or "
+                          f"alltoall")
+
+
+@router_options("compete", "megasmoe.routers.compete",
+                "CompeteSMoE: on scheduled competition steps all experts run and tokens "
+                "route by the experts' responses (v1, v2).")
+@dataclass
+class CompeteConfig(RouterConfigBase):
+    """Fields of the ``compete`` router; null fields take the version's authors' default."""
+
+    version: str = "v1"
+    """v1 (Pham, Do et al. 2024) or v2 (Nguyen et al. 2025)."""
+    frequency: Optional[float] = None
+    """Competition probability per layer per step (v1; null = 1.0) / fraction of steps
+    scheduled per layer (v2; null = 0.07)."""
+    max_layers: Optional[int] = None
+    """At most this many layers compete in one step (null: v1 no cap, v2 3)."""
+    router_loss_coeff: Optional[float] = None
+    """Coefficient of the router loss MSE(softmax(g), q) (null: v1 0.05 = 5 x 0.01,
+    v2 0.001)."""
+    topk_loss_weight: float = 0.2
+    """v2: weight of the same MSE restricted to the k selected entries."""
+    diversity_coeff: Optional[float] = None
+    """Mean pairwise cosine of the selected experts' outputs on competition steps (null:
+    v1 0, v2 0.005)."""
+    entropy_coeff: Optional[float] = None
+    """Entropy balance on softmax(a) on competition steps (null: v1 0, v2 0.005)."""
+    entropy_coeff_normal: Optional[float] = None
+    """Entropy balance on softmax(g) on the other steps (null: v1 0, v2 0.01)."""
+    schedule_seed: Optional[int] = None
+    """Seed of the competition schedule; null = run.seed."""
+
+    def validate(self, cfg) -> None:
+        if self.version not in COMPETE_VERSIONS:
+            raise ConfigError(f"moe.router.version='{self.version}' is unknown; use v1 or v2")
+        v = COMPETE_VERSIONS.index(self.version)
+        for name, defaults in _COMPETE_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, defaults[v])
+        if self.schedule_seed is None:
+            self.schedule_seed = cfg.run.seed
+        if not 0.0 <= self.frequency <= 1.0:
+            raise ConfigError(f"moe.router.frequency={self.frequency} must be in [0, 1]")
+        if self.max_layers is not None and self.max_layers < 1:
+            raise ConfigError(f"moe.router.max_layers={self.max_layers} must be >= 1 or null")
+        _refuse_flex("compete", cfg, "runs every expert on competition steps")
+
+
+SIMSMOE_KERNELS = ("rbf", "linear")
+"""CKA kernels of the ``simsmoe`` router."""
+
+
+@router_options("simsmoe", "megasmoe.routers.simsmoe",
+                "SimSMoE: SMoE gate plus a CKA penalty on expert pairs that often serve "
+                "the same tokens.")
+@dataclass
+class SimSMoEConfig(RouterConfigBase):
+    """Fields of the ``simsmoe`` router (authors' defaults)."""
+
+    cont_freq: float = 16.0
+    """A pair is compared when its tracked frequency exceeds this (then reset)."""
+    tau: float = 0.5
+    """CKA threshold: a compared pair adds its CKA to L_sim only above tau."""
+    sim_coeff: float = 0.01
+    """Coefficient of L_sim: lambda (1) x the authors' 0.01 on the gate loss."""
+    kernel: str = "rbf"
+    """CKA kernel: rbf (authors' default) or linear."""
+    sigma: float = 0.8
+    """Bandwidth of the RBF kernel."""
+
+    def validate(self, cfg) -> None:
+        if cfg.moe.topk < 2:
+            raise ConfigError(f"moe.router.name=simsmoe compares pairs of a token's experts; "
+                              f"set moe.topk >= 2 (it is {cfg.moe.topk})")
+        if self.kernel not in SIMSMOE_KERNELS:
+            raise ConfigError(f"moe.router.kernel='{self.kernel}' is unknown; use rbf or linear")
+        if self.sigma <= 0:
+            raise ConfigError(f"moe.router.sigma={self.sigma} must be > 0")
+        _refuse_flex("simsmoe", cfg, "runs experts on the tokens of compared pairs")
+        if cfg.train.recompute:
+            raise ConfigError("moe.router.name=simsmoe counts expert pairs in the forward, "
+                              "which activation recompute would run twice; set "
+                              "train.recompute=false")
+
+
+@router_options("vq", "megasmoe.routers.vq",
+                "VQMoE: StableMoE top-(k-1) branch plus the expert a codebook picks, mixed by a "
+                "learned gate.")
+@dataclass
+class VQMoEConfig(RouterConfigBase):
+    """Fields of the ``vq`` router (authors' defaults: giangdip2410/VQMoE, enwik8 scripts)."""
+
+    codebook_size: Optional[int] = None
+    """K, codebook entries (K x d; entry j's VQ expert is j mod E); null = max(16, moe.num_experts) (authors: 16 of 16)."""
+    commitment: float = 0.25
+    """Weight of the commitment term MSE(sg(C_j), x) inside L_vq."""
+    contrib_rate: float = 0.05
+    """x~ = (1 - contrib_rate) x + contrib_rate sg(C_j - x), the VQ expert's input."""
+    vq_loss_coeff: float = 0.08
+    """Coefficient of L_vq in the training loss."""
+    smoe_topk: Optional[int] = None
+    """Experts per token of the SMoE branch; null = moe.topk - 1 (with the VQ expert, moe.topk in all)."""
+    init_gain: float = 0.32
+    """Gain of the orthogonal init of the SMoE branch's expert embeddings (StableMoE gate)."""
+    balance_temperature: float = 0.3
+    """The SMoE branch's balance loss uses softmax(g / balance_temperature)."""
+
+    def validate(self, cfg) -> None:
+        E, k = cfg.moe.num_experts, cfg.moe.topk
+        if self.smoe_topk is None:
+            if k < 2:
+                raise ConfigError(
+                    "moe.router.name=vq counts its VQ expert among the moe.topk experts per "
+                    "token, so moe.topk=1 leaves none for the SMoE branch; set moe.topk=2 "
+                    "(top-1 + 1 VQ expert, the authors') or moe.router.smoe_topk=1")
+            self.smoe_topk = k - 1
+        if not 1 <= self.smoe_topk <= E:
+            raise ConfigError(f"moe.router.smoe_topk={self.smoe_topk} must be in "
+                              f"[1, moe.num_experts={E}]")
+        if self.codebook_size is None:
+            self.codebook_size = max(16, E)
+        if self.codebook_size < E:
+            raise ConfigError(
+                f"moe.router.codebook_size={self.codebook_size} is under moe.num_experts={E}: "
+                f"experts {self.codebook_size}..{E - 1} could never be a VQ expert (entry j "
+                f"picks expert j mod E); set moe.router.codebook_size>={E}")
+        if not 0.0 <= self.contrib_rate <= 1.0:
+            raise ConfigError(f"moe.router.contrib_rate={self.contrib_rate} must be in [0, 1]")
+        for name in ("commitment", "vq_loss_coeff"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"moe.router.{name}={getattr(self, name)} must be >= 0")
+        _refuse_flex("vq", cfg, "runs its VQ expert through layer.run_experts")
+
+    def transformer_config_overrides(self) -> dict:
+        # The layer's dispatcher routes smoe_topk experts per token for the SMoE branch; the
+        # VQ expert goes through a second dispatch of one expert per token. megatron
+        # refuses top-1 without pre_softmax, which only its own routing (not used) reads.
+        if self.smoe_topk is None:
+            return {}
+        return {"moe_router_topk": self.smoe_topk, "moe_router_pre_softmax": True}
+
+
+S2MOE_NOISE_ROUTING = ("own", "shared")
+"""How the noisy copy is routed: by the gate on x_n (own) or with x's experts (shared)."""
+
+
+@router_options("stochastic", "megasmoe.routers.stochastic",
+                "S2MoE: SMoE on x and on a Gaussian-noised copy, mixed by a learned gate, "
+                "InfoNCE between the two; fewer experts at inference.")
+@dataclass
+class S2MoEConfig(RouterConfigBase):
+    """Fields of the ``stochastic`` router. No public code: every default is inferred from
+    the paper's abstract (megasmoe/routers/stochastic.py lists each inference)."""
+
+    noise_mul_mean: float = 0.0
+    """(inferred) eps1 = noise_mul_mean + noise_mul_std n, n ~ N(0, I) in x_n = x * eps1 + eps2."""
+    noise_mul_std: float = 1.0
+    """(inferred) Std of the multiplicative noise eps1."""
+    noise_add_std: float = 1.0
+    """(inferred) Std of the additive noise eps2 ~ N(0, noise_add_std^2 I)."""
+    noise_routing: str = "own"
+    """(inferred) own: the gate routes x_n itself; shared: x_n goes to x's experts."""
+    uncertainty_loss_coeff: float = 0.01
+    """(inferred) Coefficient of the InfoNCE uncertainty loss between y_d and y_n."""
+    infonce_temperature: float = 0.07
+    """(inferred) InfoNCE temperature (0.07 as in the same authors' VQMoE contrastive loss)."""
+    infonce_symmetric: bool = False
+    """(inferred) false: anchors y_d against y_n of the sequence; true: average both directions."""
+    inference_k: Optional[int] = None
+    """(inferred) Experts per token in evaluation (y_d only, no noise); null = max(1, moe.topk // 2)."""
+
+    @staticmethod
+    def default_inference_k(topk: int) -> int:
+        """inference_k when null: half of moe.topk, at least 1 (inferred)."""
+        return max(1, topk // 2)
+
+    def validate(self, cfg) -> None:
+        E = cfg.moe.num_experts
+        if self.noise_routing not in S2MOE_NOISE_ROUTING:
+            raise ConfigError(f"moe.router.noise_routing='{self.noise_routing}' is unknown; use "
+                              f"{' or '.join(S2MOE_NOISE_ROUTING)}")
+        if self.infonce_temperature <= 0:
+            raise ConfigError(f"moe.router.infonce_temperature={self.infonce_temperature} must "
+                              f"be > 0")
+        for name in ("noise_mul_std", "noise_add_std", "uncertainty_loss_coeff"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"moe.router.{name}={getattr(self, name)} must be >= 0")
+        if self.inference_k is None:
+            self.inference_k = self.default_inference_k(cfg.moe.topk)
+        if not 1 <= self.inference_k <= E:
+            raise ConfigError(f"moe.router.inference_k={self.inference_k} must be in "
+                              f"[1, moe.num_experts={E}]")
+        if cfg.parallel.cp > 1:
+            raise ConfigError("moe.router.name=stochastic contrasts the tokens of whole "
+                              "sequences (InfoNCE), which context parallelism splits; set "
+                              "parallel.cp=1")
+        _refuse_flex("stochastic", cfg, "runs its noisy pass through layer.run_experts")
+        self.seed = cfg.run.seed  # the noise streams derive from the run's seed

@@ -418,9 +418,33 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def _aux_loss_names(self) -> list[str]:
+        """The tracker's aux-loss names, the same on every pipeline stage, sorted.
+
+        megatron reduces its tracker name by name (an all-reduce over the pipeline group
+        each), in the order the names were first logged on that rank. Routers whose
+        losses depend on the layer and step (compete's competition losses, simsmoe's CKA
+        loss) log different names, or the same in another order, on different stages:
+        the stages' collectives would not match (a hang, or one loss summed into
+        another). So every stage reduces the union of the names in one order; a name
+        this stage never logged enters as zeros.
+        """
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        group = parallel_state.get_pipeline_model_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return sorted(tracker)
+        stages: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(stages, sorted(tracker), group=group)
+        names = sorted(set().union(*stages))
+        for name in names:
+            if name not in tracker:
+                tracker[name] = {"values": torch.zeros(self.cfg.model.num_layers,
+                                                       device=platform.device())}
+        return names
+
     def _moe_scalars(self, steps: int) -> dict:
         """Aux losses per MoE layer from megatron's tracker and router telemetry."""
-        moe_utils.reduce_aux_losses_tracker_across_ranks()
+        moe_utils.reduce_aux_losses_tracker_across_ranks(self._aux_loss_names())
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
         scale = 1.0 / (get_num_microbatches() * steps)
         out = {}
