@@ -169,7 +169,6 @@ def _probe_entry(cfg, probe: dict) -> dict:
 
     from megasmoe.experts import local_expert_weights
     from megasmoe.training.trainer import Trainer
-    from megasmoe.experts import local_expert_weights
 
     assert cfg.parallel.pp == 1 and cfg.parallel.cp == 1, "the probe handles pp=1, cp=1"
     trainer = Trainer(cfg)
