@@ -64,7 +64,7 @@ elif [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${SLURM_SUBMIT_DIR:-}" ] \
 else
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 fi
-if [ ! -f "$root/megasmoe/launch.py" ]; then
+if [ ! -f "$root/megasmoe/launch/__init__.py" ]; then
     echo "megasmoe: launch error: cannot find the repository (got '$root'); submit from the repository root or set MEGASMOE_ROOT" >&2
     exit 2
 fi
