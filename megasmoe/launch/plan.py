@@ -17,6 +17,11 @@ LAUNCHERS = ("torchrun", "srun")
 FORWARDED_SIGNAL = "SIGUSR1"
 """The signal launch/pretrain.sh forwards to the job step before the time limit."""
 
+STEP_WAIT_S = 120
+"""srun --wait: how long the other tasks may run on once one task ended (then srun kills
+them). More than the watchdog's MAX_LOST_AFTER_S plus its exit, so that a node's loss is
+reported by the survivors' watchdog, not cut short by srun."""
+
 SHUTDOWN_TIMEOUT_S = 600
 """How long torchrun waits for workers to checkpoint after a signal before SIGKILL."""
 
@@ -138,7 +143,10 @@ def build_plan(config: Optional[str], overrides: Sequence[str], env: Mapping[str
         srun += [f"--ntasks={n}", "--ntasks-per-node=1"]
         if alloc.cpus_per_node:
             srun.append(f"--cpus-per-task={alloc.cpus_per_node}")
-        srun += ["--kill-on-bad-exit=1", *extra, *argv]
+        # No --kill-on-bad-exit: when a node is lost, srun would kill the survivors before
+        # their watchdog names the lost rank (and the batch script would not know to
+        # requeue). --wait bounds the rest: longer than the watchdog's longest wait.
+        srun += [f"--wait={STEP_WAIT_S}", *extra, *argv]
         node_cmds = [NodeCommand(i, h, list(argv)) for i, h in enumerate(alloc.hosts)]
     else:
         argv = [python, "-m", "megasmoe.launch", "srun-task", f"--master-addr={alloc.head}",
@@ -148,7 +156,7 @@ def build_plan(config: Optional[str], overrides: Sequence[str], env: Mapping[str
             srun.append(f"--cpus-per-task={alloc.cpus_per_node // p}")
         # No --kill-on-bad-exit: every rank exits 75 after a signal-checkpoint and rank 0
         # may still be publishing it; --wait bounds a hang after one rank crashed.
-        srun += ["--wait=120", *extra, *argv]
+        srun += [f"--wait={STEP_WAIT_S}", *extra, *argv]
         node_cmds = []
         for i, h in enumerate(alloc.hosts):
             tasks = [srun_task_env({"SLURM_PROCID": str(i * p + j), "SLURM_LOCALID": str(j),

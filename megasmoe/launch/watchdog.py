@@ -34,14 +34,19 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-__all__ = ["PeerWatchdog", "LOST_EXIT_CODE", "LOST_PREFIX", "HEARTBEAT_S", "MAX_LOST_AFTER_S",
-           "lost_after_s"]
+__all__ = ["PeerWatchdog", "LOST_EXIT_CODE", "LOST_PREFIX", "MARKER_ENV", "HEARTBEAT_S",
+           "MAX_LOST_AFTER_S", "lost_after_s"]
 
 LOST_EXIT_CODE = 76
 """Exit code of a rank that gave up because a peer was lost (75 is the time-limit exit)."""
 
 LOST_PREFIX = "megasmoe: lost rank"
-"""How the one-line message starts (launch/pretrain.sh looks for it to decide a requeue)."""
+"""How the one-line message starts (launch/pretrain.sh looks for it in the log too)."""
+
+MARKER_ENV = "MEGASMOE_LOST_MARKER"
+"""A file (on the run directory) the message is also appended to when a rank gives up:
+launch/pretrain.sh sets it for each start of a job and requeues when it is there (the
+exit code is not enough: torchrun turns a worker's 76 into 1)."""
 
 HEARTBEAT_S = 1.0
 """Seconds between heartbeats (and checks)."""
@@ -220,6 +225,13 @@ class PeerWatchdog:
         self._decided.set()
         print(message, file=sys.stderr, flush=True)
         sys.stdout.flush()
+        marker = os.environ.get(MARKER_ENV)
+        if marker:
+            try:
+                with open(marker, "a") as f:  # one write of one line: no torn lines
+                    f.write(message + "\n")
+            except OSError as e:  # the message is in the log anyway
+                print(f"megasmoe: cannot write {marker}: {e}", file=sys.stderr, flush=True)
         self._exit(LOST_EXIT_CODE)
 
     # ------------------------------------------------------------------ the end
