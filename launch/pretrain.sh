@@ -168,7 +168,7 @@ trainer_running() { grep -q "megasmoe: training " < <(this_start); }
 # The watchdog of a rank that lost a peer appends its message here (megasmoe.launch.watchdog).
 export MEGASMOE_LOST_MARKER="$tmp/lost-peer"
 rm -f "$MEGASMOE_LOST_MARKER"
-lost_grace="${MEGASMOE_LOST_GRACE_S:-30}" lost_since=""
+lost_grace="${MEGASMOE_LOST_GRACE_S:-30}" lost_since="" lost_killed=0
 
 echo "megasmoe: starting the job step at $(date '+%T')"
 echo "+ ${step[*]}"
@@ -184,10 +184,10 @@ while kill -0 "$pid" 2>/dev/null; do
     # srun would wait for it until slurmctld calls the node down. Do not wait that long.
     if [ -z "$lost_since" ] && [ -s "$MEGASMOE_LOST_MARKER" ]; then
         lost_since="$SECONDS"
-    elif [ -n "$lost_since" ] && (( SECONDS - lost_since >= lost_grace )); then
+    elif [ -n "$lost_since" ] && [ "$lost_killed" = 0 ] && (( SECONDS - lost_since >= lost_grace )); then
         echo "megasmoe: a peer was lost $lost_grace s ago and the job step still runs; killing it"
         kill -KILL "$pid" 2>/dev/null || true
-        lost_since=$(( SECONDS + 3600 ))
+        lost_killed=1
     fi
     sleep 1 &
     wait $! 2>/dev/null || true

@@ -217,17 +217,17 @@ def assert_like_reference(run_dir: Path, reference) -> None:
 def torchrun_job(two_nodes, reference, tmp_path_factory):
     """2 nodes x 1 task, torchrun, EP=2, 20 steps, a checkpoint every 4 steps. Start 1:
     after step 6 (checkpoint 4 complete, 8 not begun) every training process of node 2
-    gets kill -9. Start 2 (requeued): once it trained past step 10, node 2 dies whole
+    gets kill -9. Start 2 (requeued): after step 10 (checkpoint 8), node 2 dies whole
     (its slurmd, slurmstepd and training processes: kill -9 of everything in its
     namespace), then "reboots" (its slurmd starts again). Start 3 finishes."""
     tmp = tmp_path_factory.mktemp("torchrun_job")
     run_dir = tmp / "run"
     t0 = time.monotonic()
-    # The batch script kills a step that still runs 10 s after the loss (default 30 s).
+    # The batch script kills a step that still runs 5 s after the loss (default 30 s).
     job = submit(tmp, TINY, *FAST, *STEPS, *LOST, f"run.dir={run_dir}",
-                 env={"MEGASMOE_LOST_GRACE_S": "10"})
+                 env={"MEGASMOE_LOST_GRACE_S": "5"})
     events = []
-    for start, after_step in ((1, 6), (2, 10)):
+    for start, after_step in ((1, 5), (2, 9)):
         skip = train_records(run_dir)
         until(f"start {start} trained past step {after_step}",
               lambda: (f"job {job} start {start} " in job_log(run_dir, job)
@@ -290,7 +290,7 @@ def test_lost_node_ends_the_survivors_and_the_job_resumes(torchrun_job, referenc
 
 
 @pytest.fixture(scope="module")
-def srun_job(two_nodes, torchrun_job, tmp_path_factory):
+def srun_job(two_nodes, tmp_path_factory):
     """2 nodes x 1 task, MEGASMOE_LAUNCHER=srun, 20 steps, `--time=1 --signal=B:USR1@30`:
     signalled at its time limit (within its first 30 s; the batch script holds it until
     training runs), checkpointed, requeued (then given a longer limit), finished."""
