@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -336,13 +337,16 @@ def test_time_limit_requeue_resumes_on_both_nodes(srun_job, reference):
 # --------------------------------------------------------------------------- pre-flight
 
 
-def test_preflight_refuses_a_node_that_cannot_see_the_run_dir(two_nodes, reference, tmp_path):
+def test_preflight_refuses_a_node_that_cannot_see_the_run_dir(two_nodes, tmp_path):
     """run.dir on a directory node 2 does not share (its own tmpfs there): the job fails
     before training with exit 2 and one line naming node msmoe2."""
     run_dir = Path(NODE_LOCAL) / f"run-{os.getpid()}-{time.monotonic_ns()}"
     job = submit(tmp_path, TINY, *FAST, *STEPS, f"run.dir={run_dir}")
-    info = wait(job, timeout=180)
-    log = job_log(run_dir, job)
+    try:
+        info = wait(job, timeout=180)
+        log = job_log(run_dir, job)
+    finally:  # its log is on the host's /var/tmp (node 1's view): do not leave it there
+        shutil.rmtree(run_dir, ignore_errors=True)
     assert info["JobState"] == "FAILED" and info.get("ExitCode") == "2:0", f"{info}\n{log}"
     errors = [line for line in log.splitlines() if re.match(r"megasmoe: \w+ error:", line)]
     assert len(errors) == 1 and errors[0].startswith(
