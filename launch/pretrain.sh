@@ -42,11 +42,20 @@
 #      `scontrol requeue $SLURM_JOB_ID` if a new checkpoint was published, and the
 #      requeued job (same id, same log) resumes from it.
 #      SIGTERM (scancel, preemption) is passed on but never requeues by itself.
+#   5. lost node: when a rank's peer dies (a node crashed, its processes were killed), the
+#      survivors' watchdog (train.collective_timeout, at most 60 s) prints one line
+#      `megasmoe: lost rank R (node N): ...; last complete checkpoint: ...`, writes it to
+#      a marker file on the run directory and exits; the batch script kills the step if it
+#      has not ended MEGASMOE_LOST_GRACE_S (default 30) seconds later, then runs
+#      `scontrol requeue`: the job waits for nodes and resumes from the last complete
+#      checkpoint. At most MEGASMOE_MAX_LOST_REQUEUES (default 3) times per job (counted
+#      in the job's log); after that it exits 76. MEGASMOE_NO_REQUEUE=1 exits 76 at once.
 #
 # Environment: MEGASMOE_LAUNCHER=torchrun|srun, MEGASMOE_NPROC_PER_NODE (processes per
 # node if not the tasks per node), MEGASMOE_SRUN_ARGS (extra srun options, e.g. pyxis
 # --container-image=...), MEGASMOE_PYTHON (python command for the helpers here),
-# MEGASMOE_NO_REQUEUE=1 (checkpoint but do not requeue), MEGASMOE_LAUNCH=local (ignore
+# MEGASMOE_NO_REQUEUE=1 (checkpoint but do not requeue; no requeue after a lost node either),
+# MEGASMOE_MAX_LOST_REQUEUES, MEGASMOE_LOST_GRACE_S (see 5.), MEGASMOE_LAUNCH=local (ignore
 # SLURM: plain local torchrun), MEGASMOE_ROOT (repository root). This script sets
 # MEGASMOE_CALLER_DIR: the directory relative paths in the arguments are relative to.
 #
@@ -64,7 +73,7 @@ elif [ -n "${SLURM_JOB_ID:-}" ] && [ -n "${SLURM_SUBMIT_DIR:-}" ] \
 else
     root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 fi
-if [ ! -f "$root/megasmoe/launch.py" ]; then
+if [ ! -f "$root/megasmoe/launch/__init__.py" ]; then
     echo "megasmoe: launch error: cannot find the repository (got '$root'); submit from the repository root or set MEGASMOE_ROOT" >&2
     exit 2
 fi
@@ -154,7 +163,12 @@ while IFS= read -r kv; do export "$kv"; done <"$tmp/env"
 latest() { cat "$run_dir/checkpoints/latest" 2>/dev/null || echo none; }
 before="$(latest)"
 start_bytes="$(stat -c %s "$log")"
-trainer_running() { grep -q "megasmoe: training " < <(tail -c +"$((start_bytes + 1))" "$log"); }
+this_start() { tail -c +"$((start_bytes + 1))" "$log"; }   # the log of this start only
+trainer_running() { grep -q "megasmoe: training " < <(this_start); }
+# The watchdog of a rank that lost a peer appends its message here (megasmoe.launch.watchdog).
+export MEGASMOE_LOST_MARKER="$tmp/lost-peer"
+rm -f "$MEGASMOE_LOST_MARKER"
+lost_grace="${MEGASMOE_LOST_GRACE_S:-30}" lost_since="" lost_killed=0
 
 echo "megasmoe: starting the job step at $(date '+%T')"
 echo "+ ${step[*]}"
@@ -165,6 +179,15 @@ while kill -0 "$pid" 2>/dev/null; do
         echo "megasmoe: forwarding SIGUSR1 to the job step: checkpoint and stop"
         kill -USR1 "$pid" 2>/dev/null || true
         pending=0 forwarded=1
+    fi
+    # A lost node may leave its part of the step unaccounted for (its slurmstepd died too):
+    # srun would wait for it until slurmctld calls the node down. Do not wait that long.
+    if [ -z "$lost_since" ] && [ -s "$MEGASMOE_LOST_MARKER" ]; then
+        lost_since="$SECONDS"
+    elif [ -n "$lost_since" ] && [ "$lost_killed" = 0 ] && (( SECONDS - lost_since >= lost_grace )); then
+        echo "megasmoe: a peer was lost $lost_grace s ago and the job step still runs; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+        lost_killed=1
     fi
     sleep 1 &
     wait $! 2>/dev/null || true
@@ -182,6 +205,32 @@ fi
 if [ "$got_term" = 1 ]; then
     echo "megasmoe: stopped by SIGTERM (scancel or preemption); not requeueing here"
     exit "$rc"
+fi
+# Lost node: the watchdog's marker (or its line in this start's log; torchrun turns the
+# workers' exit 76 into 1, so the code alone does not tell).
+lost="$(head -n 1 "$MEGASMOE_LOST_MARKER" 2>/dev/null || true)"
+[ -n "$lost" ] || lost="$(this_start | grep -m 1 -o "megasmoe: lost rank .*" || true)"
+if [ -n "$lost" ]; then
+    max_lost="${MEGASMOE_MAX_LOST_REQUEUES:-3}"
+    done_lost="$(grep -c "^megasmoe: lost a node: requeueing job $job " "$log" || true)"
+    echo "megasmoe: the job step lost a peer: $lost"
+    if [ -n "${MEGASMOE_NO_REQUEUE:-}" ]; then
+        echo "megasmoe: MEGASMOE_NO_REQUEUE is set, not requeueing; resubmit to resume from $after"
+        exit 76
+    fi
+    if (( done_lost >= max_lost )); then
+        echo "megasmoe: job $job was requeued after a lost node $done_lost times already" \
+             "(MEGASMOE_MAX_LOST_REQUEUES=$max_lost); not again: check the nodes, resubmit to resume from $after"
+        exit 76
+    fi
+    echo "megasmoe: lost a node: requeueing job $job ($((done_lost + 1)) of at most $max_lost); it resumes from $after"
+    requeued=1
+    if scontrol requeue "$job"; then
+        exit 0
+    fi
+    requeued=0
+    echo "megasmoe: scontrol requeue failed (submitted with --no-requeue?); resubmit to resume from $after"
+    exit 76
 fi
 if [ "$got_usr1" = 1 ] || [ "$rc" = 75 ]; then
     if [ "$forwarded" = 0 ] && [ "$rc" != 75 ]; then

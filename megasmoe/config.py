@@ -247,6 +247,10 @@ class TrainConfig:
     fp8: Optional[str] = None
     """FP8 expert GEMMs: null (off), tensorwise or rowwise (dynamic scales, grouped or te
     backend), or TE's delayed, blockwise, mxfp8 (te backend)."""
+    collective_timeout: Union[int, float, str] = "10m"
+    """How long a collective waits for the other ranks before failing, on every process
+    group (megatron's too); also how long a rank's heartbeat may stop (at most 60 s) before
+    the watchdog calls it lost and exits. Seconds (600, 90s) or minutes (10m, 10min)."""
 
 
 @dataclass
@@ -654,6 +658,15 @@ def _check_experts(e: MoEConfig, t: TrainConfig) -> None:
              f"or use train.fp8=rowwise / tensorwise with moe.expert_backend=grouped")
 
 
+def duration_s(value: Union[int, float, str], key: str) -> float:
+    """Seconds from ``600``, ``"90s"``, ``"10m"`` or ``"10min"`` (ConfigError naming ``key``)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(s|sec|m|min)?\s*", str(value))
+    if isinstance(value, bool) or not m or float(m.group(1)) <= 0:
+        raise ConfigError(f"{key}={value!r} is not a duration; write seconds (600, 90s) or "
+                          f"minutes (10m, 10min), more than 0")
+    return float(m.group(1)) * (60 if m.group(2) in ("m", "min") else 1)
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     """Check a config before any process group starts; fills derived fields.
 
@@ -680,6 +693,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
     _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    duration_s(t.collective_timeout, "train.collective_timeout")
     _require(e.shared_expert_size >= 0, "moe.shared_expert_size must be >= 0 (0 = none)")
     _require(not e.shared_expert_gate or e.shared_expert_size > 0,
              "moe.shared_expert_gate=true needs a shared expert; set moe.shared_expert_size")

@@ -2,6 +2,8 @@
 # Start a single-node SLURM cluster on this machine, for tests/test_slurm.py and CI.
 #
 #   bash tests/slurm/start_cluster.sh     # install (once), configure, start, wait until idle
+#   bash tests/slurm/start_cluster.sh --nodes 2   # that, plus the 2-node cluster beside it
+#                                                 # (tests/slurm/two_nodes.sh, SLURM_CONF=/etc/slurm-2node/slurm.conf)
 #   bash tests/slurm/stop_cluster.sh      # stop the daemons again
 #
 # Needs root (apt-get, daemons as root) on Debian/Ubuntu. Installs Debian's slurmctld,
@@ -14,6 +16,15 @@
 # Refuses to overwrite a /etc/slurm/slurm.conf that it did not write (a real cluster).
 # Logs: /var/log/slurm/{slurmctld,slurmd}.log; finished jobs: /var/log/slurm/jobcomp.log.
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+case "${1:-} ${2:-}" in
+    " "|"--nodes 1") ;;
+    "--nodes 2")  # the single-node cluster (packages, munge) first, then the two nodes
+        bash "${BASH_SOURCE[0]}"
+        exec bash "$(dirname "${BASH_SOURCE[0]}")/two_nodes.sh" start ;;
+    *) echo "start_cluster: error: usage: $0 [--nodes 1|2]" >&2; exit 2 ;;
+esac
 
 MARK="# written by megasmoe tests/slurm/start_cluster.sh"
 CONF=/etc/slurm/slurm.conf
@@ -69,31 +80,7 @@ SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=$LOGS/slurmctld.log
 SlurmdLogFile=$LOGS/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/filetxt
-JobCompLoc=$LOGS/jobcomp.log
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2,bf_interval=2
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-MpiDefault=none
-ReturnToService=2
-JobRequeue=1
-# Short timeouts: a test cluster should notice things fast.
-MinJobAge=120
-SlurmctldTimeout=10
-SlurmdTimeout=30
-MessageTimeout=10
-InactiveLimit=0
-KillWait=10
-# A job at its time limit is killed one minute late, so that the
-# "--signal=B:USR1@N" path has time to checkpoint and requeue in tests.
-OverTimeLimit=1
+$(test_cluster_settings "$LOGS")
 NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus $topo RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF

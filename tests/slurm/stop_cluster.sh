@@ -4,8 +4,14 @@
 #   bash tests/slurm/stop_cluster.sh           # stop slurmd, slurmctld, munged
 #   bash tests/slurm/stop_cluster.sh --purge   # also forget jobs and the saved state
 #
-# Only acts when /etc/slurm/slurm.conf was written by start_cluster.sh.
+# Only acts when /etc/slurm/slurm.conf was written by start_cluster.sh. Also tears down
+# the 2-node cluster (start_cluster.sh --nodes 2) if it runs: daemons, namespaces, bridge,
+# /etc/hosts lines.
 set -euo pipefail
+
+if [ -f /etc/slurm-2node/slurm.conf ] || ip link show msmoebr0 >/dev/null 2>&1; then
+    bash "$(dirname "${BASH_SOURCE[0]}")/two_nodes.sh" stop
+fi
 
 MARK="# written by megasmoe tests/slurm/start_cluster.sh"
 CONF=/etc/slurm/slurm.conf
