@@ -68,8 +68,11 @@ def main(argv=None) -> int:
     extra = {"smoe_dropout": ["moe.aux_loss_type=none"], "compete": ["moe.router.frequency=0"]}
     # label -> (router, overrides): the expensive steps of the expert-output routers.
     variants = {"compete_step": ("compete", ["moe.router.frequency=1"]),
+                # v2 caps competition at max_layers = 3 of the layers: lift the cap so
+                # the timed first layer competes.
                 "compete_v2_step": ("compete", ["moe.router.version=v2",
-                                                "moe.router.frequency=1"]),
+                                                "moe.router.frequency=1",
+                                                "moe.router.max_layers=4"]),
                 "simsmoe_cka": ("simsmoe", ["moe.router.cont_freq=-1", "moe.router.tau=-1"])}
     entries = [(n, n, extra.get(n, [])) for n in registered_routers()]
     entries += [(label, n, o) for label, (n, o) in variants.items()]
