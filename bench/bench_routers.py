@@ -1,6 +1,7 @@
 """Benchmark: forward+backward time of each router and of its whole MoE layer, vs topk.
 
     .venv/bin/python bench/bench_routers.py [CONFIG] [key=value ...] [--repeats N]
+        [--only LABEL,...]
 
 One process (world size 1, gloo). For every registered router the real megasmoe model
 is built at the config's shape; the first MoE layer is timed on the same random input
@@ -11,7 +12,8 @@ except routers that are heavier by design: unified, spectral's first call, hyper
 Routers that run experts inside the layer are timed on normal steps and on the steps
 that do the extra work: ``compete`` (normal: frequency 0) and ``compete_step`` (a
 competition step, every expert on every token), ``simsmoe`` (no pair armed) and
-``simsmoe_cka`` (every pair armed: CKA on each).
+``simsmoe_cka`` (every pair armed: CKA on each). ``--only`` times just the given rows
+(``topk``, the reference, always).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def main(argv=None) -> int:
     parser.add_argument("config", nargs="?", default="configs/tiny-cpu.yaml")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--only", default=None,
+                        help="comma-separated row labels to time (topk always)")
     args = parser.parse_args(argv)
 
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
@@ -64,11 +68,20 @@ def main(argv=None) -> int:
     extra = {"smoe_dropout": ["moe.aux_loss_type=none"], "compete": ["moe.router.frequency=0"]}
     # label -> (router, overrides): the expensive steps of the expert-output routers.
     variants = {"compete_step": ("compete", ["moe.router.frequency=1"]),
+                # v2 caps competition at max_layers = 3 of the layers: lift the cap so
+                # the timed first layer competes.
                 "compete_v2_step": ("compete", ["moe.router.version=v2",
-                                                "moe.router.frequency=1"]),
+                                                "moe.router.frequency=1",
+                                                "moe.router.max_layers=4"]),
                 "simsmoe_cka": ("simsmoe", ["moe.router.cont_freq=-1", "moe.router.tau=-1"])}
     entries = [(n, n, extra.get(n, [])) for n in registered_routers()]
     entries += [(label, n, o) for label, (n, o) in variants.items()]
+    if args.only:
+        wanted = {"topk", *args.only.split(",")}
+        unknown = wanted - {label for label, _, _ in entries}
+        if unknown:
+            parser.error(f"--only: unknown rows {sorted(unknown)}")
+        entries = [e for e in entries if e[0] in wanted]
     rows = []
     initialised = False
     for label, name, overrides in entries:

@@ -41,6 +41,7 @@ from conftest import FAST, REPO, read_metrics, train_losses
 from megasmoe.config import ConfigError, load_config, validate
 from megasmoe.routers import functional as RF
 from test_routers import AUX_RTOL, BASE, LAYOUTS, WS1, run_probe
+from test_routers import _one_thread  # noqa: F401  (autouse: references on one thread)
 
 C1 = "compete:moe.router.frequency=1.0"
 C2 = "compete:moe.router.version=v2:moe.router.frequency=1.0"
