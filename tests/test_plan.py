@@ -146,9 +146,11 @@ def test_plan_errors_are_one_line():
 def test_every_router_is_a_one_line_override(name):
     from megasmoe.routers import registered_routers
 
-    # Two routers need a second override, which their one-line error names: smoe_dropout
-    # is frozen (no balance loss), unified varies the experts per token (allgather).
-    extra = {"smoe_dropout": ["moe.aux_loss_type=none"], "unified": ["moe.dispatcher=allgather"]}
+    # Three routers need a second override, which their one-line error names: smoe_dropout
+    # is frozen (no balance loss), unified varies the experts per token (allgather), simsmoe
+    # counts expert pairs in its forward, which activation recompute would run twice.
+    extra = {"smoe_dropout": ["moe.aux_loss_type=none"], "unified": ["moe.dispatcher=allgather"],
+             "simsmoe": ["train.recompute=false"]}
     for router in registered_routers():
         validate(load_config(f"configs/{name}.yaml",
                              [f"moe.router.name={router}", *extra.get(router, [])]))
