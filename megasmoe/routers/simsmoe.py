@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.num_microbatches_calculator import get_num_microbatches
+from megatron.core import num_microbatches_calculator
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
 from megasmoe.moe import LayerBound
@@ -97,7 +97,7 @@ class SimSMoERouter(LayerBound, SpecRouter):
             if group is not None and group.size() > 1:
                 dist.all_reduce(buf, group=group)
         E = self.config.num_moe_experts
-        self.pair_tracking += buf[:-1].reshape(E, E) / buf[-1] / get_num_microbatches()
+        self.pair_tracking += buf[:-1].reshape(E, E) / buf[-1] / _microbatches_per_step()
 
     def _similarity_loss(self, input, probs, routing_map, valid):
         rc = self.router_config
@@ -131,3 +131,11 @@ class SimSMoERouter(LayerBound, SpecRouter):
         return self.attach_and_log_load_balancing_loss(
             probs, rc.sim_coeff, rc.sim_coeff * loss / size, "simsmoe_sim_loss", group,
             valid_token_count=n_local)
+
+
+def _microbatches_per_step() -> int:
+    """Micro batches per optimizer step from megatron's calculator; 1 where none is set
+    up (a model driven outside the trainer, e.g. one MoE layer timed by a benchmark)."""
+    if num_microbatches_calculator._GLOBAL_NUM_MICROBATCHES_CALCULATOR is None:
+        return 1
+    return num_microbatches_calculator.get_num_microbatches()
