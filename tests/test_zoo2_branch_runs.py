@@ -2,11 +2,11 @@
 
 tests/test_routers.py holds both to the router contract and the float64 routing
 reference at world size 1 (OWN_FILE there). Here, with the two losses and the state
-these routers add (codebook, mixing gate, LayerNorm, noise streams), four probe launches
+these routers add (codebook, mixing gate, LayerNorm, noise streams), five probe launches
 (tests/router_probe.py: every entry one model in one process group per layout) cover:
 
 * training: 20 steps at EP=2 (2 processes), finite, the loss falls by 0.5;
-* layouts: the first 5 steps at EP=2 (also data parallel 2 for the dense weights),
+* layouts: the first 5 steps at DP=2, EP=2 (also data parallel 2 for the dense weights),
   TP=2+SP and PP=2 give world size 1's losses (step 1 within 1e-5, then 1e-3, the
   tolerances of tests/test_layouts.py) and gradient norms (1e-3 relative);
 * resume: 10 steps + 10 resumed == 20 uninterrupted, losses bitwise and every model
@@ -38,6 +38,7 @@ RUN = [*FAST, "train.steps=20", "train.seq_length=32", "train.global_batch_size=
        f"model.num_layers={LAYERS}",
        "logging.tensorboard=false", "checkpoint.enabled=false", "probe.train=true"]
 LAYOUTS = {
+    "dp2": ["parallel.ep=1"],
     "ep2": ["parallel.ep=2"],
     "tp2_sp": ["parallel.ep=1", "parallel.tp=2", "parallel.sp=true"],
     "pp2": ["parallel.ep=1", "parallel.pp=2"],
@@ -110,7 +111,7 @@ def test_layout_matches_world_size_1(name, layout, layouts, ws1):
         assert abs(g_got[step] - g_want[step]) <= 1e-3 * g_want[step], (step, g_got, g_want)
 
 
-@pytest.mark.parametrize("layout", ["ep2", "tp2_sp"])
+@pytest.mark.parametrize("layout", ["dp2", "ep2", "tp2_sp"])
 @pytest.mark.parametrize("name", NAMES)
 def test_aux_loss_gradients_are_layout_invariant(name, layout, layouts, ws1):
     """The router gradients of the aux losses alone (L_bal, L_vq / InfoNCE; LM loss x 0,

@@ -3,7 +3,7 @@
 The shared contract and golden tests of tests/test_routers.py cover both routers at
 world size 1 on normal steps (compete with frequency 0; simsmoe with every pair
 compared); their layout and training tests live here. Every launch runs several entries
-(tests/router_probe.py), so the whole file costs 3 probe and 4 training launches:
+(tests/router_probe.py), so the whole file costs 4 probe and 4 training launches:
 
 * golden (world size 1, both expert backends, float64 references from the experts'
   weights and the router's input): competition routing of v1 (top-k of ||y_e||, softmax
@@ -11,7 +11,7 @@ compared); their layout and training tests live here. Every launch runs several 
   schedule cap (3 of 4 layers), the gradient of the v1/v2 router loss on W_r, the
   gradient of SimSMoE's CKA loss (rbf and linear) on the projection P; the extension
   point itself: ``run_experts`` with a caller-chosen 3-expert routing and ``smoe``;
-* layouts (the default expert backend): EP=2 (experts on the other rank:
+* layouts (the default expert backend): DP=2, EP=2 (experts on the other rank:
   MegasmoeMoELayer.expert_features; alltoall and allgather dispatchers) and TP=2+SP
   (expert-tensor shards) route like world size 1 on competition steps, give the same
   MoE output, and the same aux-loss gradients (v2's normal-step entropy balance too);
@@ -279,7 +279,7 @@ def _layout_case(entry: str, layout: str, ws1, layouts):
     return ref, layouts(layout)[_on(entry, DEFAULT_BACKEND)]
 
 
-LAYOUT_CASES = [(e, layout) for layout in ("ep2", "tp2_sp") for e in ENTRIES] \
+LAYOUT_CASES = [(e, layout) for layout in ("dp2", "ep2", "tp2_sp") for e in ENTRIES] \
     + [(C2_ALLGATHER, "ep2")]
 
 
