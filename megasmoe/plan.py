@@ -367,6 +367,14 @@ def estimate_memory(cfg, stage: Optional[int] = None, device: str = "gpu",
     tokens = t.micro_batch_size * t.seq_length / p.cp
     layer_input = tokens * m.hidden_size * dtype_bytes / (p.tp if p.sp else 1)
     recompute = held * len(layers) * layer_input + 2 * max(per_layer)
+    moe_layers = sum(pattern[i] for i in layers)
+    if cfg.moe.expert_backend == "grouped" and moe_layers:
+        # grouped_mm's backward returns the weight gradient of all of a layer's local
+        # experts as one fp32 tensor before megatron's hook adds it into the gradient
+        # buffer (SequentialMLP's per-expert gradients are one expert at a time).
+        transient = experts / moe_layers * 4
+        full += transient
+        recompute += transient
     if stage == p.pp - 1:
         # The cross entropy's fp32 softmax, plus the logits (or their gradient).
         vocab = padded_vocab(m.vocab_size, p.tp) / p.tp
