@@ -72,10 +72,12 @@ def inputs(shape, dtype: torch.dtype):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=15, help="round-robin rounds (>= 2)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args(argv)
+    if args.repeats < 2:
+        parser.error("--repeats must be at least 2 (the spread needs two rounds)")
     torch.set_num_threads(args.threads)
 
     from megasmoe.config import load_config, validate
