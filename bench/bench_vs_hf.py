@@ -138,7 +138,6 @@ class PlainMixtral:
             initializer_range=m.init_std, attn_implementation="sdpa",
         )
         self.model = MixtralForCausalLM(hf).train()
-        self.parameters = lambda: sum(p.numel() for p in self.model.parameters())
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr,
                                      betas=(t.adam_beta1, t.adam_beta2),
                                      weight_decay=t.weight_decay)
@@ -149,10 +148,15 @@ class PlainMixtral:
         self.vocab = m.vocab_size
         self.gen = torch.Generator().manual_seed(cfg.run.seed)
 
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
     def step(self) -> None:
+        from megasmoe.platform.cpu import device_mode_suspended
+
         # A plain loop runs without megasmoe's CPU platform layer (whose device mode
         # sees every torch call in this process): measure it as it runs alone.
-        with suspend_platform_mode():
+        with device_mode_suspended():
             self._step()
 
     def _step(self) -> None:
@@ -163,13 +167,6 @@ class PlainMixtral:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-
-
-def suspend_platform_mode():
-    """Pop megasmoe's CPU device mode (platform P3) for the block, if it is active."""
-    from megasmoe.platform import cpu
-
-    return cpu.device_mode_suspended()
 
 
 def timed(side, steps: int) -> tuple[float, float]:
@@ -254,7 +251,7 @@ def main(argv=None) -> int:
     for s in sides:
         line = (f"{s.name:40s} {result['tokens_per_sec'][s.name]:8,.0f} tokens/s  "
                 f"{result['tokens_per_cpu_sec'][s.name]:8,.0f} tokens/cpu-s  "
-                f"{s.parameters():,} parameters")
+                f"{result['parameters'][s.name]:,} parameters")
         if s is not plain:
             r, c = result["ratio_over_plain"][s.name], result["cpu_ratio_over_plain"][s.name]
             line += (f"  ratio {r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]"

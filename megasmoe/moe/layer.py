@@ -115,8 +115,9 @@ class MegasmoeMoELayer(MoELayer):
         if group_size > 1:
             tokens = gather_from_sequence_parallel_region(tokens, group=group)
         m = tokens.shape[0]
+        wanted = None if experts is None else set(experts)
         local = [i for i, e in enumerate(self.local_expert_indices)
-                 if experts is None or e in set(experts)]
+                 if wanted is None or e in wanted]
         E = self.config.num_moe_experts
         if local:
             inputs = tokens.repeat(len(local), 1)
