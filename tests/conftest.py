@@ -78,3 +78,23 @@ def repo_files() -> list[str]:
 def repo() -> Path:
     """The repository root."""
     return REPO
+
+
+# The tiny default model trained a little (EP=2 over 2 processes, the default layout),
+# shared by the evaluation, steering and training-free tests: one training, many readers.
+# Readers must not write into it except under <run>/eval/ with their own --name, and must
+# copy it (shutil.copytree) before anything that changes checkpoints.
+TRAINED_TINY_STEPS = 30
+TRAINED_TINY_OVERRIDES = [
+    f"train.steps={TRAINED_TINY_STEPS}",
+    f"train.eval_interval={TRAINED_TINY_STEPS}",
+    "train.eval_iters=2",
+]
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tmp_path_factory) -> Path:
+    """Run directory of configs/tiny-cpu.yaml (FAST) trained TRAINED_TINY_STEPS steps at EP=2,
+    with a final checkpoint and one valid/loss record at the last step."""
+    return pretrain(tmp_path_factory.mktemp("shared_trained"), "tiny", TRAINED_TINY_OVERRIDES,
+                    nproc=2)
