@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,15 +24,23 @@ from test_lm_eval import run_cmd, write_jsonl
 
 MC_ITEMS = 6      # multiple-choice items scored per switch
 TEXT_DOCS = 4     # held-out documents scored per switch
-# name: router overrides, as docs/training-free.md lists them.
+# name: (router, overrides), as docs/training-free.md lists them. The import writes topk's
+# own fields (score_function, pre_softmax), so a switch names the router section whole.
 SWITCHES = {
-    "topk": ["moe.router.name=topk"],
-    "spectral-c0": ["moe.router.name=spectral", "moe.router.c=0"],
-    "spectral": ["moe.router.name=spectral"],
-    **{f"unified-{group}": ["moe.router.name=unified", f"moe.router.group={group}",
-                            "moe.dispatcher=allgather"]
+    "topk": ("topk", []),
+    "spectral-c0": ("spectral", ["moe.router={name: spectral, c: 0}"]),
+    "spectral": ("spectral", ["moe.router={name: spectral}"]),
+    **{f"unified-{group}": ("unified", [f"moe.router={{name: unified, group: {group}}}",
+                                        "moe.dispatcher=allgather"])
        for group in ("sequence", "micro_batch", "causal")},
 }
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_mixtral(out: Path) -> Path:
@@ -92,9 +101,11 @@ def reports(imported, digest_before) -> dict:
     items = write_jsonl(imported.parent / "mc.jsonl", [json.loads(line) for line in lines])
 
     def evaluate(switch: str):
-        proc = run_cmd([str(BIN / "megasmoe"), "eval", str(imported), *SWITCHES[switch],
+        # Two single-process evaluations at once need two rendezvous ports.
+        proc = run_cmd([str(BIN / "megasmoe"), "eval", str(imported), *SWITCHES[switch][1],
                         "--name", f"eval-{switch}", "--no-default-sets",
-                        "--data", f"heldout={text}", "--mc", f"continuation={items}"])
+                        "--data", f"heldout={text}", "--mc", f"continuation={items}"],
+                       env={"MASTER_PORT": str(free_port())})
         report = json.loads((imported / "eval" / f"eval-{switch}.json").read_text())
         return report, proc.stdout
 
@@ -110,7 +121,7 @@ def _numbers(report: dict) -> tuple[float, list[float]]:
 
 def test_each_switch_is_reported_with_its_router(reports):
     for switch, (report, console) in reports.items():
-        assert report["router"] == SWITCHES[switch][0].split("=")[1], switch
+        assert report["router"] == SWITCHES[switch][0], switch
         loss = report["datasets"]["heldout"]["loss"]
         assert 0 < loss < 20 and report["mc"]["continuation"]["items"] == MC_ITEMS
         assert "heldout" in console and "continuation" in console, console
