@@ -26,17 +26,26 @@ def _items(name: str) -> list[dict]:
     return [json.loads(line) for line in mc_set_path(name).read_text("utf-8").splitlines()]
 
 
-def test_builder_check_passes_and_a_second_build_gives_identical_bytes():
-    """--check builds in a fresh process; building again here must give the same bytes."""
+def test_builder_check_passes_and_a_second_build_gives_identical_bytes(tmp_path, monkeypatch):
+    """--check builds in a fresh process; a second build here must give the same bytes
+    (and --check's comparison must catch a changed item)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "megasmoe.data.build_evalsets", "--check"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all embedded evaluation files are up to date" in proc.stdout
-    built = build_evalsets.build()
-    assert {p.name for p in built} == {f"{n}-{MC_VERSION}.jsonl" for n in MC_SETS}
-    for path, data in built.items():
-        assert path.read_bytes() == data, path
+
+    copies = {name: tmp_path / mc_set_path(name).name for name in MC_SETS}
+    for name, copy in copies.items():
+        copy.write_bytes(mc_set_path(name).read_bytes())
+    items = _items("python-continuation")
+    items[7]["answer"] = (items[7]["answer"] + 1) % 4
+    copies["python-continuation"].write_text(
+        "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items), "utf-8")
+    monkeypatch.setattr(build_evalsets, "mc_set_path", copies.__getitem__)
+    problems = build_evalsets._check(None)
+    assert len(problems) == 1 and str(copies["python-continuation"]) in problems[0], problems
+
     records = python_records()
     first = build_evalsets._gzip(build_evalsets._jsonl(records))
     assert build_evalsets._gzip(build_evalsets._jsonl(records)) == first
@@ -47,7 +56,8 @@ def test_builder_check_passes_and_a_second_build_gives_identical_bytes():
 def test_api_names_files_and_errors():
     assert DOMAINS == ("austen", "python")
     assert MC_SETS == ("austen-continuation", "python-continuation")
-    assert mc_set_path("austen-continuation").name == "austen-continuation-v1.jsonl"
+    assert MC_VERSION == "v1"
+    assert mc_set_path("austen-continuation").name == f"austen-continuation-{MC_VERSION}.jsonl"
     assert domain_documents("austen") == corpus_documents("test")
     assert domain_documents("python") == [r["text"] for r in python_records()]
     for bad, call in (("novels", domain_documents), ("python-continuation-v1", mc_set_path)):

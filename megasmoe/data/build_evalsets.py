@@ -8,7 +8,7 @@ Two steps:
 1. The **standard-library snapshot** (``python-stdlib.jsonl.gz`` and
    ``CPython-LICENSE.txt``) is copied from the running interpreter's stdlib, which must be
    CPython 3.11.7 (``STDLIB_VERSION``); under any other interpreter it is left as
-   committed (rewriting) or its records are only re-serialised and compared (--check).
+   committed, and --check verifies its contents against ``STDLIB_SHA256`` only.
 2. The **multiple-choice sets** are built from the committed held-out text only (the
    corpus' test chapters and the snapshot), so they are the same on every machine.
 
@@ -32,12 +32,14 @@ from pathlib import Path
 
 from megasmoe.data.corpus import corpus_records, split_of
 from megasmoe.data.errors import DataError
-from megasmoe.data.evalsets import EVALSETS_DIR, MC_SETS, mc_set_path
+from megasmoe.data.evalsets import EVALSETS_DIR, MC_SETS, mc_set_path, python_records
 
-__all__ = ["STDLIB_VERSION", "STDLIB_MODULES", "ITEMS_PER_SET", "build", "main",
+__all__ = ["STDLIB_VERSION", "STDLIB_SHA256", "STDLIB_MODULES", "ITEMS_PER_SET", "build", "main",
            "stdlib_records", "austen_items", "python_items", "sentence_spans"]
 
 STDLIB_VERSION = (3, 11, 7)
+# SHA-256 of the snapshot's uncompressed JSON Lines, so --check can verify it anywhere.
+STDLIB_SHA256 = "2e3735a28c8d0af8adea3fd68472102bc42d59aee9242ddbac91781adebce1b5"
 # Well-known pure-Python modules (paths under the stdlib directory), ~0.85 MB of text.
 # None of them is covered by the extra licences of CPython's LICENSE.txt.
 STDLIB_MODULES = (
@@ -109,11 +111,6 @@ def _stdlib_outputs() -> dict[Path, bytes] | None:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     return {_STDLIB_FILE: _gzip(_jsonl(stdlib_records(stdlib))),
             _LICENSE_FILE: (stdlib / "LICENSE.txt").read_bytes()}
-
-
-def _committed_stdlib() -> list[dict]:
-    with gzip.open(_STDLIB_FILE, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 # ---- Austen: the next sentence ------------------------------------------------------------
@@ -279,7 +276,7 @@ def _items(domain: str, candidates: list[dict], doc_order: list[str],
 def build(stdlib_records_: list[dict] | None = None) -> dict[Path, bytes]:
     """Every multiple-choice file's bytes, built from the committed held-out text
     (or from ``stdlib_records_`` for the Python set, when given)."""
-    records = _committed_stdlib() if stdlib_records_ is None else stdlib_records_
+    records = python_records() if stdlib_records_ is None else stdlib_records_
     sets = {"austen-continuation": austen_items(), "python-continuation": python_items(records)}
     assert tuple(sets) == MC_SETS
     return {mc_set_path(name): _jsonl(items) for name, items in sets.items()}
@@ -287,24 +284,28 @@ def build(stdlib_records_: list[dict] | None = None) -> dict[Path, bytes]:
 
 def _check(snapshot: dict[Path, bytes] | None) -> list[str]:
     """The problems of the committed files: one line each, empty when all are right."""
+    if not _STDLIB_FILE.is_file():
+        return [f"{_STDLIB_FILE}: missing; run `python -m megasmoe.data.build_evalsets` "
+                f"under CPython {'.'.join(map(str, STDLIB_VERSION))}"]
     problems = []
-    if snapshot is None:
-        # Not the pinned interpreter: check the snapshot is at least well formed.
-        records = _committed_stdlib()
-        if [r["path"] for r in records] != list(STDLIB_MODULES):
-            problems.append(f"{_STDLIB_FILE}: modules differ from STDLIB_MODULES")
-    else:
-        payload = gzip.decompress(snapshot[_STDLIB_FILE]).decode("utf-8")
-        records = [json.loads(line) for line in payload.split("\n") if line]
+    payload = gzip.decompress(_STDLIB_FILE.read_bytes())
+    if hashlib.sha256(payload).hexdigest() != STDLIB_SHA256:
+        problems.append(f"{_STDLIB_FILE}: contents differ from STDLIB_SHA256 in "
+                        "megasmoe/data/build_evalsets.py")
+    if snapshot is not None:
         # Compressed bytes can differ between zlib builds: compare what they hold.
-        if gzip.decompress(_STDLIB_FILE.read_bytes()) != gzip.decompress(snapshot[_STDLIB_FILE]):
+        fresh = gzip.decompress(snapshot[_STDLIB_FILE])
+        if payload != fresh:
             problems.append(f"{_STDLIB_FILE}: differs from this interpreter's standard library")
         if _LICENSE_FILE.read_bytes() != snapshot[_LICENSE_FILE]:
             problems.append(f"{_LICENSE_FILE}: differs from this interpreter's LICENSE.txt")
+        payload = fresh
+    records = [json.loads(line) for line in payload.decode("utf-8").split("\n") if line]
     for path, data in build(records).items():
         if not path.is_file() or path.read_bytes() != data:
-            problems.append(f"{path}: differs from what the builder makes; rebuild with "
-                            "`python -m megasmoe.data.build_evalsets` and bump MC_VERSION")
+            problems.append(f"{path}: differs from what the builder makes; if the change "
+                            "is meant, bump MC_VERSION in megasmoe/data/evalsets.py and run "
+                            "`python -m megasmoe.data.build_evalsets`")
     return problems
 
 
@@ -331,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         if snapshot is not None:
             for path, data in snapshot.items():
                 path.write_bytes(data)
+            digest = hashlib.sha256(gzip.decompress(snapshot[_STDLIB_FILE])).hexdigest()
+            if digest != STDLIB_SHA256:
+                print(f"build_evalsets: the snapshot changed: set STDLIB_SHA256 = {digest!r}")
         for path, data in build().items():
             path.write_bytes(data)
             print(f"build_evalsets: wrote {path}")
