@@ -133,3 +133,15 @@ def test_python_documents_are_utf8_source_that_parses():
         module = texts[it["id"].removeprefix("python-").rsplit("-L", 1)[0]]
         for k, choice in enumerate(it["choices"]):
             assert ((it["context"] + choice) in module) == (k == it["answer"]), it["id"]
+
+
+def test_snapshot_refuses_a_module_that_is_missing_or_not_utf8(tmp_path):
+    with pytest.raises(DataError, match=r"abc\.py: cannot read as UTF-8 .*CPython 3\.11\.7"):
+        build_evalsets.stdlib_records(tmp_path)
+    for rel in build_evalsets.STDLIB_MODULES:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x = 1\n")
+    (tmp_path / "csv.py").write_bytes(b"name = '\xff'\n")
+    with pytest.raises(DataError, match=r"csv\.py: cannot read as UTF-8") as e:
+        build_evalsets.stdlib_records(tmp_path)
+    assert "\n" not in str(e.value)
