@@ -171,7 +171,19 @@ def _needs_tokenizer(what: str):
                      "unset); add data.tokenizer=PATH to the command")
 
 
-def _text_samples(ts, cfg, tok) -> list:
+def _first_documents(docs, encode, tokens: Optional[int]) -> list:
+    """The token documents, only as many as fill ``tokens`` (None: all): the rest would
+    never be read (--batches)."""
+    out, have = [], 0
+    for d in docs:
+        if tokens is not None and have > tokens:
+            break
+        out.append(encode(d))
+        have += len(out[-1]) + 1
+    return out
+
+
+def _text_samples(ts, cfg, tok, batches: Optional[int]) -> list:
     from megasmoe.data import DataError
     from megasmoe.evaluation.engine import pack_documents, read_indexed_documents
 
@@ -185,7 +197,8 @@ def _text_samples(ts, cfg, tok) -> list:
         return pack_documents(docs, L, tok.eod if tok else 0, append_eod=False)
     if tok is None:
         raise _needs_tokenizer(f"--data {ts.name}")
-    return pack_documents([tok.encode(d) for d in ts.documents], L, tok.eod)
+    need = batches * cfg.train.global_batch_size * L + 1 if batches else None
+    return pack_documents(_first_documents(ts.documents, tok.encode, need), L, tok.eod)
 
 
 def prepare(args, launched: Optional[int] = None) -> EvalPlan:
@@ -224,7 +237,8 @@ def prepare(args, launched: Optional[int] = None) -> EvalPlan:
         from megasmoe.training.data import resolve_data
 
         resolve_data(cfg)
-    plan.texts = [(t, None if t.kind == "split" else _text_samples(t, cfg, tok)) for t in texts]
+    plan.texts = [(t, None if t.kind == "split" else _text_samples(t, cfg, tok, args.batches))
+                  for t in texts]
     for m in mcs:
         if tok is None:
             raise _needs_tokenizer(f"--mc {m.name}")
