@@ -94,16 +94,8 @@ def test_eval_prints_perplexity_per_domain_and_equals_the_trainers_valid_loss(ru
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_every_layout_gives_the_same_numbers(run, ws1, layout):
-    if layout == "tp2_sp":  # through the launcher users type (processes = world size)
-        args = [str(run), *LAYOUTS[layout], *COMMON, "--data",
-                f"small={run.parent / 'small.txt'}", "--name", layout]
-        proc = subprocess.run(["bash", "launch/eval.sh", *args], cwd=REPO, text=True,
-                              capture_output=True, timeout=600,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        report = json.loads((run / "eval" / f"{layout}.json").read_text())
-    else:
-        report, _ = evaluate(run, layout, LAYOUTS[layout], nproc=2)
+    """launch/eval.sh (the same torchrun) runs in docs/evaluation.md's runnable block."""
+    report, _ = evaluate(run, layout, LAYOUTS[layout], nproc=2)
     assert report["world_size"] == 2
     assert_same_numbers(report, ws1[0], rel=1e-5)
 
