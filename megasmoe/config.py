@@ -826,7 +826,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         f"{_nearest(t.lr_schedule, ['cosine', 'linear', 'constant', 'wsd'])}",
     )
     _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
-    _require(t.warmup_steps < t.steps or t.steps == 1, f"train.warmup_steps={t.warmup_steps} must be < train.steps={t.steps}; lower train.warmup_steps")
+    # megatron's scheduler asserts warmup < decay steps (= train.steps), even for one step.
+    _require(t.warmup_steps < t.steps,
+             f"train.warmup_steps={t.warmup_steps} must be < train.steps={t.steps}; "
+             f"lower train.warmup_steps")
     _require(
         t.precision in ("auto", "fp32", "bf16"),
         f"train.precision='{t.precision}' is unknown; use auto, fp32 or bf16",
