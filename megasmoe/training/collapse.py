@@ -56,8 +56,8 @@ def linear_cka_matrix(features: torch.Tensor) -> torch.Tensor:
     CKA 0 with every other expert (and 1 with itself).
     """
     y = features.to(torch.float64)
-    y = y - y.mean(dim=0, keepdim=True)
-    grams = torch.einsum("nef,mef->enm", y, y).reshape(y.shape[1], -1)  # [E, N*N]
+    y = (y - y.mean(dim=0, keepdim=True)).transpose(0, 1)  # [E, N, F]
+    grams = torch.bmm(y, y.transpose(1, 2)).reshape(y.shape[0], -1)  # [E, N*N]
     hsic = grams @ grams.t()
     norm = hsic.diagonal().clamp_min(0).sqrt()
     denom = norm[:, None] * norm[None, :]
