@@ -11,6 +11,7 @@
     megasmoe plan CONFIG [key=value ...] [--gpus N] [--gpu-memory 80GB] [--layouts]
                                                       memory per GPU, fit, layouts (docs/planning.md)
     megasmoe routers                                  list registered routers and fields
+    megasmoe analyze RUN [RUN ...] --out DIR          plots + report comparing runs (docs/analysis.md)
     megasmoe config-reference                         print every config field, documented
 
 Config errors print one line (``megasmoe: config error: ...``) and exit with code 2
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megasmoe.plan import add_subcommand as add_plan_subcommand
 
     add_plan_subcommand(sub)
+    from megasmoe.analysis import add_subcommand as add_analyze_subcommand
+
+    add_analyze_subcommand(sub)
     sub.add_parser("config-reference", help="list config fields").set_defaults(
         fn=_cmd_config_reference)
     return parser
