@@ -172,10 +172,10 @@ def test_multiple_choice_accuracy_from_a_hand_made_scorer():
     assert mc.encode_pair(enc, "", " x", eod) == ([eod], enc(" x"))
     assert mc.request_tokens([1, 2, 3, 4], [5, 6], 3) == [3, 4, 5, 6]
     items = [
-        # " x": -1.5 (-0.75/byte); " xxxxxx": -4.0 (-0.57/byte): acc picks 0, acc_norm 1.
+        # " x": -1.5 (-0.75/char); " xxxxxx": -4.0 (-0.57/char): acc picks 0, acc_norm 1.
         MCItem("Q:", [" x", " xxxxxx"], 1, "a"),
-        MCItem("Q: ", ["yy", "xx"], 1),  # " yy" -3 (-1.5/byte), " xx" -2 (-1/byte): 1, 1
-        MCItem("", [" yyy", " y", " yy"], 0),  # " y" highest, and per byte all -1: first
+        MCItem("Q: ", ["yy", "xx"], 1),  # " yy" -3 (-1.5/char), " xx" -2 (-1/char): 1, 1
+        MCItem("", [" yyy", " y", " yy"], 0),  # " y" highest, and per char all -1: first
     ]
     requests = mc.build_requests(items, enc, eod, max_len=16)
     result = mc.score_items(items, requests, _hand_made_logprobs)
