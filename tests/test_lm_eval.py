@@ -27,7 +27,7 @@ SHIPPED = {"austen-continuation": "megasmoe_austen_continuation",
 LIMIT = 12  # items per shipped set: enough to compare, cheap on a loaded 2-core machine
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 # A context ending in spaces (they move to the choice), an empty context (the EOD token is
-# the context), non-ASCII choices (acc_norm is per UTF-8 byte: lm-eval's acc_bytes).
+# the context), non-ASCII choices (acc_norm divides by characters, acc_bytes by bytes).
 EDGE_ITEMS = [
     {"id": "trailing-space", "context": "Mr. Bennet was so odd a mixture of quick parts, ",
      "choices": ["sarcastic humour, reserve, and caprice", "import os, sys", "}}]]))"],
@@ -145,8 +145,8 @@ def test_lm_eval_logliks_equal_megasmoe_eval(both):
 
 
 def test_lm_eval_accuracy_equals_megasmoe_eval(both):
-    """acc is the same fraction; megasmoe's acc_norm (per UTF-8 byte) is lm-eval's acc_bytes."""
+    """acc and acc_norm (per character of the choice) are the same fractions."""
     for name, ours in both["megasmoe"].items():
         theirs = both["results"][name]
         assert abs(theirs["acc,none"] - ours["acc"]) < 1e-9, (name, theirs, ours["acc"])
-        assert abs(theirs["acc_bytes,none"] - ours["acc_norm"]) < 1e-9, name
+        assert abs(theirs["acc_norm,none"] - ours["acc_norm"]) < 1e-9, (name, theirs, ours)
