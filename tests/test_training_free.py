@@ -24,12 +24,12 @@ from test_lm_eval import run_cmd, write_jsonl
 MC_ITEMS = 6      # multiple-choice items scored per switch
 TEXT_DOCS = 4     # held-out documents scored per switch
 # name: (router, overrides), as docs/training-free.md lists them. The import writes topk's
-# own fields (score_function, pre_softmax), so a switch names the router section whole.
+# own fields (score_function, pre_softmax): a switch by name alone must drop them.
 SWITCHES = {
     "topk": ("topk", []),
-    "spectral-c0": ("spectral", ["moe.router={name: spectral, c: 0}"]),
-    "spectral": ("spectral", ["moe.router={name: spectral}"]),
-    **{f"unified-{group}": ("unified", [f"moe.router={{name: unified, group: {group}}}",
+    "spectral-c0": ("spectral", ["moe.router.name=spectral", "moe.router.c=0"]),
+    "spectral": ("spectral", ["moe.router.name=spectral"]),
+    **{f"unified-{group}": ("unified", ["moe.router.name=unified", f"moe.router.group={group}",
                                         "moe.dispatcher=allgather"])
        for group in ("sequence", "micro_batch", "causal")},
 }

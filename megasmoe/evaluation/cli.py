@@ -143,15 +143,28 @@ def _config(run_dir: Path, overrides: list, launched: Optional[int], single: boo
     """The run's config with the evaluation's overrides, validated for this launch."""
     from megasmoe.config import load_config, validate
 
-    saved = load_config(run_dir / "config.yaml").parallel
+    saved_cfg = load_config(run_dir / "config.yaml")
+    saved = saved_cfg.parallel
     base = [f"run.dir={run_dir}", "parallel.dp=null"]  # dp follows the evaluated layout
     if saved.etp == saved.tp:
         base.append("parallel.etp=null")
+    router = _router_name(overrides)
+    if router is not None and router != saved_cfg.moe.router.name:
+        # Another router starts from its own defaults: the trained router's fields (e.g. an
+        # import's score_function) are not its fields; later overrides set its own.
+        base.append(f"moe.router={{name: {router}}}")
     if single:
         base += SINGLE_PROCESS
     cfg = load_config(run_dir / "config.yaml", [*base, *overrides])
     cfg.checkpoint.resume = False  # the checkpoint evaluated is the one given, not resumed
     return validate(cfg, launched if launched is not None else (1 if single else None))
+
+
+def _router_name(overrides: list) -> Optional[str]:
+    """The router named by the last ``moe.router.name=`` override, if any."""
+    names = [o.split("=", 1)[1].strip() for o in overrides
+             if isinstance(o, str) and o.split("=", 1)[0].strip() == "moe.router.name"]
+    return names[-1] if names else None
 
 
 def _tokenizer(cfg):
