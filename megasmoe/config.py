@@ -160,6 +160,11 @@ class MoEConfig:
     """Load-balancing loss: aux_loss, seq_aux_loss, global_aux_loss or none."""
     aux_loss_coeff: float = 0.01
     """Coefficient of the load-balancing loss."""
+    aux_loss_normalization: str = "megatron"
+    """Normalisation of every router's balance loss E sum_e f_e P_e, the same for all routers
+    so that equal moe.aux_loss_coeff means equal pressure: megatron (P_e = sum_t p_te / T,
+    1 at uniform load; megatron-core's, k times the seed papers') or paper (P_e = sum_t
+    p_te / (T k), 1/k at uniform load; the papers', i.e. the coefficient divided by k)."""
     z_loss_coeff: Optional[float] = None
     """Router z-loss coefficient; null = off."""
     capacity_factor: Optional[float] = None
@@ -773,6 +778,11 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         e.aux_loss_type in ("aux_loss", "seq_aux_loss", "global_aux_loss", "none"),
         f"moe.aux_loss_type='{e.aux_loss_type}' is unknown; use aux_loss, seq_aux_loss, "
         f"global_aux_loss or none",
+    )
+    _require(
+        e.aux_loss_normalization in ("megatron", "paper"),
+        f"moe.aux_loss_normalization='{e.aux_loss_normalization}' is unknown; use megatron "
+        f"or paper",
     )
     _require(e.router_dtype in ("fp32", "fp64"), "moe.router_dtype must be fp32 or fp64")
     _check_experts(e, t)

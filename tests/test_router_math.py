@@ -270,6 +270,23 @@ def test_smoe_dropout_k_clamps_and_degenerate_schedules():
     assert all(RF.smoe_dropout_k(t, 20, 4, 4) == 4 for t in range(21))
 
 
+def test_smoe_dropout_defaults_are_the_authors_schedule():
+    """Null k_start / k_end: E / 2 -> E, so with 16 experts the authors' 8 -> 16 schedule
+    k_t = round(8 t / T) + 8, whatever moe.topk."""
+    from conftest import REPO
+    from megasmoe.config import load_config, validate
+    from megasmoe.routers import router_config_for
+
+    steps = 40
+    cfg = validate(load_config(str(REPO / "configs" / "tiny-cpu.yaml"), [
+        "moe.router.name=smoe_dropout", "moe.aux_loss_type=none", "moe.num_experts=16",
+        "moe.topk=2", f"train.steps={steps}"]))
+    rc = router_config_for(cfg)
+    assert (rc.k_start, rc.k_end, rc.inference_k, rc.schedule_steps) == (8, 16, 2, steps)
+    ks = [RF.smoe_dropout_k(t, rc.schedule_steps, rc.k_start, rc.k_end) for t in range(steps + 1)]
+    assert ks == [round(8 * t / steps) + 8 for t in range(steps + 1)]
+
+
 # ----------------------------------------------------------------------------- USMoE
 
 
@@ -314,6 +331,35 @@ def test_group_topk_map_batched_groups():
     for b in range(3):
         assert torch.equal(got[b], _ref_group_topk(scores[b], K))
         assert int(got[b].sum()) == T * K
+
+
+def test_position_groups_follow_megatrons_layout():
+    """group=position: scores [S, B, E] as megatron lays tokens out ([S, B], s-major);
+    each time step s keeps the B k largest (token, expert) pairs of its B tokens."""
+    n_pos, n_seq = 5, 4
+    scores = RF.unified_scores(_randn(n_pos, n_seq, E, seed=45) * 2, 0.5)
+    got = RF.group_topk_map(scores, K)
+    flat = got.reshape(n_pos * n_seq, E)  # the router's [T, E] rows: token (s, b) at s B + b
+    for s in range(n_pos):
+        ref = _ref_group_topk(scores[s], K)
+        assert torch.equal(got[s], ref)
+        assert torch.equal(flat[s * n_seq:(s + 1) * n_seq], ref)
+        assert int(ref.sum()) == n_seq * K
+    assert flat.sum(-1).min() != flat.sum(-1).max()  # still fractional per token
+
+
+def test_position_group_leaks_across_sequences_not_from_the_future():
+    """A token's experts never depend on later positions (of any sequence), but do on the
+    other sequences' tokens at its own position (the documented trade-off)."""
+    scores = RF.unified_scores(_randn(T, 3, E, seed=46) * 2, 0.5)
+    base = RF.group_topk_map(scores, K)
+    later = scores.clone()
+    later[T // 2:] = RF.unified_scores(_randn(T - T // 2, 3, E, seed=47) * 4, 0.5)
+    assert torch.equal(RF.group_topk_map(later, K)[: T // 2], base[: T // 2])
+    others = scores.clone()
+    others[:, 1:] = 1.0  # the other sequences now claim the largest scores
+    assert not torch.equal(RF.group_topk_map(others, K)[:, 0], base[:, 0])
+    assert int(RF.group_topk_map(others, K)[:, 0].sum()) == 0
 
 
 def _ref_causal(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -37,7 +37,6 @@ import pytest
 import torch
 
 from conftest import BIN, FAST, REPO
-from megasmoe.routers import functional as RF
 from megasmoe.routers import registered_routers, router_entry
 
 PROBE = REPO / "tests" / "router_probe.py"
@@ -70,8 +69,9 @@ ROUTER_ARGS = {
     "simsmoe": ["moe.router.cont_freq=-1", "moe.router.tau=-1"],
 }
 # Experts per token of a router's own routing map where it is not moe.topk: vq routes
-# top-(k-1) and adds its VQ expert in a second pass of the layer (not in the map).
-ROUTER_K = {"vq": K - 1}
+# top-(k-1) and adds its VQ expert in a second pass of the layer (not in the map);
+# smoe_dropout starts at the authors' k_start = E / 2 (8 of 16).
+ROUTER_K = {"vq": K - 1, "smoe_dropout": E // 2}
 # Routers tested here at world size 1 only (contract, golden); their layout and training
 # tests, on the steps that matter (competition, CKA; the second branches' losses, noise
 # and state), share launches in their own file.
@@ -80,17 +80,21 @@ OWN_FILE = {"compete": "tests/test_zoo2_routers.py", "simsmoe": "tests/test_zoo2
 SHARED = [n for n in ROUTERS if n not in OWN_FILE]
 FROZEN = {"smoe_dropout": {"weight"},
           "hyper": {"hyper_w1", "hyper_b1", "hyper_w2", "hyper_b2"}}
-AUX_ROUTERS = ["topk", "sigmoid_bias", "xmoe", "stablemoe", "hyper", "unified", "spectral",
-               "domain_steer"]
-# megatron-core's other router losses on the same attach path (topk): sequence-level
-# balance loss and z-loss alone.
+AUX_ROUTERS = ["topk", "sigmoid_bias", "xmoe", "stablemoe", "spectral", "domain_steer"]
+# hyper and unified attach no balance loss by default (the authors'): their L_bal with
+# moe.router.balance_loss=true; megatron-core's other router losses on the same attach
+# path (topk): sequence-level balance loss and z-loss alone.
 AUX_EXTRA = {
+    "hyper_balance": "hyper:moe.router.balance_loss=true",
+    "unified_balance": "unified:moe.dispatcher=allgather:moe.router.balance_loss=true",
     "topk_seq_aux": "topk:moe.aux_loss_type=seq_aux_loss",
     "topk_z_loss": "topk:moe.aux_loss_type=none:moe.z_loss_coeff=0.001",
 }
+NO_BALANCE = ["hyper", "unified"]
 SMOE_DROPOUT_MID = "smoe_dropout:moe.aux_loss_type=none:probe.step=10"
 # The other token groups of unified (the default is sequence).
 UNIFIED_GROUPS = {
+    "unified_position": "unified:moe.dispatcher=allgather:moe.router.group=position",
     "unified_causal": "unified:moe.dispatcher=allgather:moe.router.group=causal",
     "unified_micro_batch": "unified:moe.dispatcher=allgather:moe.router.group=micro_batch",
 }
@@ -206,7 +210,7 @@ def test_router_contract(name, labels, ws1, ws1_again):
             assert (per_seq == S * K).all(), per_seq
             assert per_token.min() < per_token.max(), f"{name} gave every token exactly k"
         else:
-            # smoe_dropout at step 0: its scheduled k is k_start = moe.topk.
+            # smoe_dropout at step 0: its scheduled k is k_start = E / 2 (the authors').
             assert (per_token == ROUTER_K.get(name, K)).all(), per_token.unique()
             # Softmax over the selected, normalised sigmoid (sigmoid_bias), renormalised
             # mixture (spectral, normalize_topk): the weights of a token sum to 1.
@@ -235,10 +239,10 @@ def test_router_contract(name, labels, ws1, ws1_again):
 
 
 def test_smoe_dropout_k_follows_the_schedule_in_the_model(ws1):
-    """At step 10 of 20, k = round((8 - 2) 10 / 20) + 2 = 5 experts for every token."""
+    """Authors' schedule from k_start = E / 2: at step 10 of 20, k = round((8 - 4) 10 / 20)
+    + 4 = 6 experts for every token."""
     res = ws1[SMOE_DROPOUT_MID]
-    k = RF.smoe_dropout_k(10, 20, K, E)
-    assert k == 5
+    k = 6
     for rec in _layers(res).values():
         assert (rec["routing_map"].sum(-1) == k).all()
         assert (rec["probs"][~rec["routing_map"]] == 0).all()
@@ -308,7 +312,7 @@ def _reference(name: str, layer: int, rec: dict, group: str = "sequence"):
             bias[STEER["experts"].get(str(layer), [])] = STEER["lambda"]  # additive mode
             torch.testing.assert_close(st["steering_bias"], bias, rtol=0, atol=0)
             logits = logits + bias
-        probs, rmap = _smoe(logits, K)
+        probs, rmap = _smoe(logits, ROUTER_K.get(name, K))
         return probs, rmap, logits
     if name == "sigmoid_bias":
         scores = torch.sigmoid(x @ st["weight"].t())
@@ -348,6 +352,11 @@ def _reference(name: str, layer: int, rec: dict, group: str = "sequence"):
             if group == "micro_batch":
                 rows = index[m].reshape(-1)
                 rmap[rows] = _ref_group(scores[rows])
+                continue
+            if group == "position":  # one time step: the MBS tokens at position s
+                for s in range(S):
+                    rows = index[m, s]
+                    rmap[rows] = _ref_group(scores[rows])
                 continue
             for b in range(MBS):
                 rows = index[m, :, b]  # one sequence, in token order
@@ -391,6 +400,28 @@ def test_router_matches_reference_math_in_the_model(name, labels, ws1):
             clear = torch.ones(T, dtype=torch.bool)
         assert torch.equal(rec["routing_map"][clear], rmap[clear]), layer
         torch.testing.assert_close(rec["probs"].double()[clear], probs[clear], rtol=0, atol=1e-5)
+
+
+def test_position_group_gives_each_time_step_b_k_pairs(ws1):
+    """The position group's selection varies per token but each position of each micro
+    batch gets exactly MBS x k pairs (a check of the grouping independent of the golden)."""
+    for rec in _layers(ws1[UNIFIED_GROUPS["unified_position"]]).values():
+        per_position = rec["routing_map"].reshape(MICRO, S, MBS, E).sum(dim=(2, 3))
+        assert (per_position == MBS * K).all(), per_position.unique()
+        per_seq = rec["routing_map"].reshape(MICRO, S, MBS, E).sum(dim=(1, 3))
+        assert not (per_seq == S * K).all(), "grouped by sequence, not by position"
+
+
+@pytest.mark.parametrize("name", NO_BALANCE)
+def test_authors_default_attaches_no_balance_loss(name, labels, ws1):
+    """hyper and unified train without a balance loss by default, as their authors: no
+    aux gradient at all; with moe.router.balance_loss=true there is one (aux test below)."""
+    for layer, rec in _layers(ws1[labels[name]]).items():
+        assert rec["aux_losses"].get("load_balancing_loss", 0.0) == 0.0, layer
+        for pname, grad in rec["grads"].items():
+            assert grad is None or grad.abs().max() == 0, (layer, pname)
+        with_loss = _layers(ws1[AUX_EXTRA[f"{name}_balance"]])[layer]
+        assert with_loss["aux_losses"]["load_balancing_loss"] > 0, layer
 
 
 # ----------------------------------------------------------------------------- layouts

@@ -15,6 +15,15 @@ Two bases:
   paper's balance loss through megatron's aux-loss machinery (so logging, loss
   scaling and per-token normalisation are megatron's).
 
+One balance-loss convention for both (``moe.aux_loss_normalization``, docs/routers.md):
+every router's loss is E sum_e f_e P_e on its balance scores with f_e = count_e / (T k)
+and P_e = sum_t p_te / T (``megatron``, the default: megatron-core's normalisation,
+k times the seed papers') or P_e = sum_t p_te / (T k) (``paper``), times
+``moe.aux_loss_coeff``. So at equal coefficients ``topk`` and a paper router put the same
+gradient on the router for the same routing (tests/test_balance_convention.py). The
+logged ``moe/load_balancing_loss`` is in megatron's normalisation (1 at uniform load)
+under either setting.
+
 Hooks the rest of megasmoe calls without knowing the router: ``on_train_step(step,
 total_steps)`` before every optimizer step (schedules), ``bind_moe_layer(layer)`` once
 after the model is built (routers that read expert weights). Routers that need
@@ -98,10 +107,14 @@ class MegasmoeRouter(TopKRouter):
     config_cls = RouterConfigBase
     variable_experts_per_token = False
     """True for routers that give a token a variable number of experts (USMoE)."""
+    aux_loss_normalization = "megatron"
+    """moe.aux_loss_normalization: megatron or paper (the module docstring)."""
 
-    def __init__(self, config, pg_collection=None, router_config=None, **kwargs):
+    def __init__(self, config, pg_collection=None, router_config=None,
+                 aux_loss_normalization: str = "megatron", **kwargs):
         super().__init__(config=config, pg_collection=pg_collection)
         self.router_config = router_config if router_config is not None else self.config_cls()
+        self.aux_loss_normalization = aux_loss_normalization
         E = self.config.num_moe_experts
         self.register_buffer("telemetry_tokens_per_expert", torch.zeros(E, dtype=torch.float64),
                              persistent=False)
@@ -139,6 +152,17 @@ class MegasmoeRouter(TopKRouter):
         return probs, routing_map
 
     # ---------------------------------------------------------------- aux-loss scaling
+
+    def aux_loss_scale(self) -> float:
+        """Factor on megatron's balance-loss normalisation: 1 (megatron) or 1 / k (paper)."""
+        return 1.0 if self.aux_loss_normalization == "megatron" else 1.0 / self.topk
+
+    def get_aux_loss_coeff(self, aux_loss_type: str) -> float:
+        """moe.aux_loss_coeff of ``aux_loss_type`` times ``aux_loss_scale``: megatron's
+        aux_loss, seq_aux_loss and global_aux_loss, and SpecRouter's L_bal, all carry it
+        (the z-loss has its own coefficient). The tracker logs the loss divided by this,
+        so the logged value is in megatron's normalisation under either setting."""
+        return super().get_aux_loss_coeff(aux_loss_type) * self.aux_loss_scale()
 
     def attach_and_log_load_balancing_loss(self, activation, aux_loss_coeff, aux_loss,
                                            aux_loss_name, reduce_group,
@@ -216,9 +240,11 @@ class SpecRouter(MegasmoeRouter):
 
     ``route(logits [T, E], padding_mask [T] or None) -> (probs, routing_map, scores)``
     where ``scores`` [T, E] are what the paper's balance loss balances (None: no loss).
-    The balance loss is L_bal = E sum_e f_e P_e (docs/router-spec.md), with f from the token
-    counts reduced over the tensor/context-parallel group, scaled by moe.aux_loss_coeff
-    and only when moe.aux_loss_type is aux_loss.
+    The balance loss is the papers' E sum_e f_e P_e (docs/router-spec.md) in the
+    convention of moe.aux_loss_normalization (the module docstring: by default k times the
+    papers' formula, megatron's normalisation, as ``topk``), with f from the token counts
+    reduced over the tensor/context-parallel group, scaled by moe.aux_loss_coeff and only
+    when moe.aux_loss_type is aux_loss.
     """
 
     def route(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
@@ -246,9 +272,11 @@ class SpecRouter(MegasmoeRouter):
             routing_map=routing_map, reduce_group=self.tp_cp_group, topk=self.topk,
             with_padding_mask=padding_mask is not None,
         )
-        aux = coeff * RF.balance_loss(scores, routing_map, self.topk,
-                                      global_counts=counts.to(scores.dtype),
-                                      global_tokens=total_tokens)
+        # k x the papers' L_bal (P_e over T, not T k) is megatron's normalisation; coeff
+        # carries aux_loss_scale, which turns it back into the papers' under ``paper``.
+        aux = coeff * self.topk * RF.balance_loss(scores, routing_map, self.topk,
+                                                  global_counts=counts.to(scores.dtype),
+                                                  global_tokens=total_tokens)
         return self.attach_and_log_load_balancing_loss(
             probs, coeff, aux, "load_balancing_loss", self.tp_cp_group,
             valid_token_count=local_tokens,

@@ -12,7 +12,14 @@
   normalize(M)^T, M (E x d) orthogonal (gain 0.32); otherwise as xmoe.
 - ``smoe_dropout``: SMoE-Dropout (Chen et al. 2023, arXiv:2303.01610): the router is
   frozen at its random init; k grows linearly from k_start to k_end over training
-  (authors: 8 -> 16 of 16 experts); evaluation uses inference_k.
+  (authors' defaults: from E / 2 to E, 8 -> 16 of 16 experts); evaluation uses
+  inference_k (moe.topk; the authors evaluate at several k).
+
+Balance loss: ``sigmoid_bias`` uses megatron-core's (optional); ``xmoe`` and
+``stablemoe`` the papers' L_bal on softmax(g / 0.3). Both follow the one convention of
+``moe.aux_loss_normalization`` (routers/base.py): by default megatron's normalisation,
+k times the papers' formula, so equal moe.aux_loss_coeff means the same pressure as
+``topk``; set it to ``paper`` for the papers' normalisation (for every router).
 
 Deviations from the authors' code: the balance loss is megatron-attached (logged per
 layer, scaled for per-token loss normalisation) with counts summed over the

@@ -29,7 +29,10 @@ al. 2025, Fsoft-AIC/CompeteSMoE), ``moe.router.version``. Router logits g = W_r 
   balance log E - H(mean_t softmax(a_t)) on competition steps (``entropy_coeff``
   0.005) and of softmax(g) on other steps (``entropy_coeff_normal`` 0.01).
 - Other steps: SMoE (top-k of g, softmax over the selected); the paper balance loss
-  L_bal on softmax(g) (``moe.aux_loss_type=aux_loss``, as every SpecRouter).
+  L_bal on softmax(g) (``moe.aux_loss_type=aux_loss``, as every SpecRouter, in the
+  convention of ``moe.aux_loss_normalization``: the same pressure as ``topk`` at equal
+  moe.aux_loss_coeff). The router, diversity and entropy losses have their own
+  coefficients and are not scaled by it.
 
 Each loss is logged per layer (``moe/compete_router_loss/layer_i``,
 ``compete_diversity_loss``, ``compete_entropy_loss``) through megatron's tracker. Under

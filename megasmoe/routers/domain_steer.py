@@ -13,7 +13,8 @@ Steering file (JSON), as written by the discovery step (a later issue)::
      "experts": {"0": [3, 5], "2": [1]}}       # 0-based global layer -> expert ids
 
 The config's mode/lambda override the file's when given. Without a file the bias is
-zero (useful to load a checkpoint that already holds one).
+zero (useful to load a checkpoint that already holds one). The balance loss is
+megatron's, in the convention of ``moe.aux_loss_normalization`` (as ``topk``).
 """
 
 from __future__ import annotations

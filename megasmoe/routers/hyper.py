@@ -7,9 +7,12 @@ b = theta[:, d]; g = x W_r^T + b; top-k, softmax over the selected logits. Gradi
 only e. ``materialize()`` returns the generated (W_r, b): deterministic, so an export
 writes a plain linear gate.
 
-Deviation: the authors pair HyperRouter with the SMoE-Dropout k schedule and run without
-a balance loss; here k is moe.topk and the balance loss follows moe.aux_loss_type (set
-it to none to match the authors).
+Balance loss: none by default, as the authors train; ``moe.router.balance_loss=true``
+attaches L_bal on softmax(g) in the shared convention of ``moe.aux_loss_normalization``
+(routers/base.py: at equal moe.aux_loss_coeff the same pressure as ``topk``).
+
+Deviation: the authors pair HyperRouter with the SMoE-Dropout k schedule; here k is
+moe.topk.
 """
 
 from __future__ import annotations
@@ -67,4 +70,5 @@ class HyperRouter(SpecRouter):
 
     def route(self, logits, padding_mask):
         probs, routing_map = RF.softmax_over_topk(logits, self.topk)
-        return probs, routing_map, torch.softmax(logits, dim=-1)
+        scores = torch.softmax(logits, dim=-1) if self.router_config.balance_loss else None
+        return probs, routing_map, scores

@@ -24,7 +24,7 @@ __all__ = ["RouterConfigBase", "TopKConfig", "SigmoidBiasConfig", "XMoEConfig",
            "read_steering_file", "UNIFIED_GROUPS", "COMPETE_VERSIONS", "SIMSMOE_KERNELS",
            "VQMoEConfig", "S2MoEConfig", "S2MOE_NOISE_ROUTING"]
 
-UNIFIED_GROUPS = ("sequence", "micro_batch", "causal")
+UNIFIED_GROUPS = ("sequence", "position", "micro_batch", "causal")
 """Token groups of the ``unified`` router's cross-token top-k."""
 
 
@@ -122,7 +122,7 @@ class SMoEDropoutConfig(RouterConfigBase):
     """Fields of the ``smoe_dropout`` router (authors: 8 -> 16 of 16 experts)."""
 
     k_start: Optional[int] = None
-    """k at step 0; null = moe.topk."""
+    """k at step 0; null = moe.num_experts // 2 (authors: 8 of 16)."""
     k_end: Optional[int] = None
     """k at the last step; null = moe.num_experts."""
     inference_k: Optional[int] = None
@@ -130,9 +130,14 @@ class SMoEDropoutConfig(RouterConfigBase):
     schedule_steps: Optional[int] = None
     """Steps over which k grows; null = train.steps."""
 
+    @staticmethod
+    def default_k_start(num_experts: int) -> int:
+        """k_start when null: half the experts, at least 1 (the authors' 8 of 16)."""
+        return max(1, num_experts // 2)
+
     def validate(self, cfg) -> None:
         E = cfg.moe.num_experts
-        self.k_start = self.k_start or cfg.moe.topk
+        self.k_start = self.k_start or self.default_k_start(E)
         self.k_end = self.k_end or E
         self.inference_k = self.inference_k or cfg.moe.topk
         self.schedule_steps = self.schedule_steps or cfg.train.steps
@@ -186,6 +191,14 @@ def read_steering_file(path: str, num_layers: int, num_experts: int) -> dict:
             "experts": experts}
 
 
+def _check_balance_flag(name: str, balance_loss: bool, cfg) -> None:
+    """balance_loss=true needs moe.aux_loss_type=aux_loss, the only loss SpecRouters attach."""
+    if balance_loss and cfg.moe.aux_loss_type != "aux_loss":
+        raise ConfigError(f"moe.router.balance_loss=true (router {name}) needs "
+                          f"moe.aux_loss_type=aux_loss (it is {cfg.moe.aux_loss_type}); set "
+                          f"moe.aux_loss_type=aux_loss or drop moe.router.balance_loss")
+
+
 @router_options("hyper", "megasmoe.routers.hyper",
                 "HyperRouter: a frozen hypernetwork generates the gate from a trainable embedding.")
 @dataclass
@@ -196,6 +209,12 @@ class HyperConfig(RouterConfigBase):
     """d_e, size of the trainable per-layer embedding; null = hidden size (authors)."""
     hypernet_hidden: int = 64
     """Hidden width h of the frozen hypernetwork (authors: 64 small, 256 larger models)."""
+    balance_loss: bool = False
+    """Attach L_bal on softmax(g) (moe.aux_loss_type=aux_loss, x moe.aux_loss_coeff); the
+    authors train without one (false)."""
+
+    def validate(self, cfg) -> None:
+        _check_balance_flag("hyper", self.balance_loss, cfg)
 
 
 @router_options("spectral", "megasmoe.routers.spectral",
@@ -231,9 +250,14 @@ class UnifiedConfig(RouterConfigBase):
     alpha: float = 0.5
     """Weight of the sigmoid term in the unified score."""
     group: str = "sequence"
-    """Token group of the cross-token top-k: sequence, micro_batch or causal."""
+    """Token group of the cross-token top-k: sequence (authors' HF models), position (the
+    micro batch's tokens at one position: authors' Transformer-XL), micro_batch or causal."""
+    balance_loss: bool = False
+    """Attach L_bal on softmax(g) (moe.aux_loss_type=aux_loss, x moe.aux_loss_coeff); the
+    authors train without one (false)."""
 
     def validate(self, cfg) -> None:
+        _check_balance_flag("unified", self.balance_loss, cfg)
         if self.group not in UNIFIED_GROUPS:
             raise ConfigError(f"moe.router.group='{self.group}' is unknown; use "
                               f"{', '.join(UNIFIED_GROUPS)}")
@@ -245,8 +269,9 @@ class UnifiedConfig(RouterConfigBase):
                 f"the {cfg.moe.dispatcher} dispatcher (dropless, exactly moe.topk per token) "
                 f"cannot take; set moe.dispatcher=allgather")
         if cfg.parallel.cp > 1:
-            raise ConfigError("moe.router.name=unified needs whole sequences on a rank; "
-                              "set parallel.cp=1")
+            raise ConfigError("moe.router.name=unified is not supported with context "
+                              "parallelism (its groups are chosen on whole sequences); set "
+                              "parallel.cp=1")
 
 
 COMPETE_VERSIONS = ("v1", "v2")

@@ -131,9 +131,11 @@ def _refuse_other_routers_fields(name: str, config_cls: type, options: dict) -> 
 
 
 def router_spec(cfg) -> functools.partial:
-    """What goes into MoESubmodules.router: the class with its config bound."""
+    """What goes into MoESubmodules.router: the class with its config (and
+    moe.aux_loss_normalization) bound."""
     cls, _ = router_entry(cfg.moe.router.name)
-    return functools.partial(cls, router_config=router_config_for(cfg))
+    return functools.partial(cls, router_config=router_config_for(cfg),
+                             aux_loss_normalization=cfg.moe.aux_loss_normalization)
 
 
 def config_fields(config_cls: type) -> list[str]:

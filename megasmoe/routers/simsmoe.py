@@ -2,7 +2,8 @@
 (giangdip2410/SimSMoE).
 
 - Gate: SMoE (g = W_r x, top-k, softmax over the selected), balance loss L_bal on
-  softmax(g) as every SpecRouter (``moe.aux_loss_type=aux_loss``).
+  softmax(g) as every SpecRouter (``moe.aux_loss_type=aux_loss``, in the convention of
+  ``moe.aux_loss_normalization``: the same pressure as ``topk`` at equal coefficients).
 - Pair tracking over any k: every training forward counts, for each expert pair i < j,
   the tokens whose selected experts include both (all k(k-1)/2 pairs of a token; the
   authors track only the sorted top-2, k = 2). The counts are summed over the data-,

@@ -12,7 +12,9 @@ its local experts, with expert-tensor-parallel shards gathered first; then the E
 vectors are all-gathered over the expert-parallel group) and cached in a non-persistent
 buffer; loading new weights (a checkpoint) clears the cache, so the router works when
 switched onto a trained model. It has no trainable parameter besides W_r, which is
-shared with ``topk`` (same checkpoint key).
+shared with ``topk`` (same checkpoint key). When trained, L_bal on softmax(W_r x) follows
+``moe.aux_loss_normalization`` (routers/base.py: the same pressure as ``topk`` at equal
+moe.aux_loss_coeff).
 
 Deviation: singular vectors are defined up to sign; each is oriented so that r_i . v >= 0
 and the top-k_svd entries are taken of |s| (the authors' code leaves the sign to the SVD

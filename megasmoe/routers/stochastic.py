@@ -6,7 +6,8 @@ No public code was found; this is reconstructed from the paper's abstract
 - Noise module: x_n = x * eps1 + eps2, eps1 = mu + s1 n1, eps2 = s2 n2 with n1, n2 ~ N(0, I).
 - Two passes through the same experts: y_d = SMoE(x) (megatron's MoE pass: gate
   g = W_r x, top-k with k = moe.topk, softmax over the k selected, balance loss on
-  softmax(g), the shared router weight W_r), and y_n = SMoE(x_n) (the same gate and
+  softmax(g) in the convention of ``moe.aux_loss_normalization``, the shared router
+  weight W_r), and y_n = SMoE(x_n) (the same gate and
   experts on the noisy copy; the layer's dispatcher, so expert parallelism works as for
   any pass).
 - A one-layer mixing gate [w0, w1] = softmax(Linear(d, 2)(x)); y = w0 y_d + w1 y_n (a

@@ -5,6 +5,9 @@ g = W_r x; top-k of the scores; probabilities softmax over the k selected logits
 (``pre_softmax=false``, Mixtral) or the top-k of softmax over all experts
 (``pre_softmax=true``). Load-balancing (aux_loss, seq_aux_loss, global_aux_loss) and
 z-loss come from megatron-core's TopKRouter and are configured under ``moe.*``.
+The balance losses follow ``moe.aux_loss_normalization`` (routers/base.py): megatron's
+normalisation by default (1 at uniform load), the papers' (1/k, i.e. moe.aux_loss_coeff
+divided by k) with ``paper``, as every other router's.
 """
 
 from __future__ import annotations

@@ -10,13 +10,26 @@ Groups (``moe.router.group``) and what they leak:
 - ``sequence`` (authors' HF models): the N tokens of one sequence. Token t's experts
   depend on later tokens of its sequence: training sees the future, autoregressive
   decoding cannot reproduce it.
+- ``position`` (authors' Transformer-XL code, "one time step"): the B tokens at one
+  position of the micro batch (this data-parallel rank's micro batch, as the authors
+  group within their batch). No token sees a later token of its own sequence, but its
+  experts depend on the other sequences of the micro batch at that position (so on
+  micro_batch_size); decoding one sequence alone (B = 1) is plain top-k of s. The
+  micro batches, and so the groups, are the same under any DP/EP split at a fixed
+  micro_batch_size; under sequence parallelism a position's tokens are all on one
+  rank (megatron's [S/TP, B] layout), so nothing is gathered.
 - ``micro_batch``: all tokens of the micro batch. Leaks across tokens and sequences,
   and routing depends on batch composition (and so on micro_batch_size).
 - ``causal``: token t keeps its pairs among the (t + 1) k largest of the prefix 0..t.
   No leakage: identical in training and decoding. Cost O(S^2 E) per sequence.
 
 Under sequence parallelism the scores (not their gradients) are all-gathered over the
-tensor-parallel group so the groups see whole sequences; each rank keeps its slice.
+tensor-parallel group so the sequence, micro_batch and causal groups see whole
+sequences; each rank keeps its slice. Padding tokens are never selected.
+
+Balance loss: none by default, as the authors train (``moe.router.balance_loss=true``
+attaches L_bal on softmax(g), in the shared convention of ``moe.aux_loss_normalization``,
+routers/base.py, normalised with k = moe.topk).
 
 Dispatchers: the allgather dispatcher sizes its buffers from the routing map and takes a
 variable number of experts per token. The alltoall and flex dispatchers (dropless)
@@ -58,13 +71,19 @@ class UnifiedRouter(SpecRouter):
             if padding_mask is not None:
                 chosen = chosen.masked_fill(padding_mask.unsqueeze(-1), float("-inf"))
             routing_map = self._select(chosen)
+            if padding_mask is not None:  # a group with too few real tokens picks -inf
+                routing_map &= ~padding_mask.unsqueeze(-1)
         probs = scores * routing_map
-        return probs, routing_map, torch.softmax(logits, dim=-1)
+        balance = torch.softmax(logits, dim=-1) if self.router_config.balance_loss else None
+        return probs, routing_map, balance
 
     def _select(self, scores: torch.Tensor) -> torch.Tensor:
         S_local, B = self._shape
         E = scores.shape[-1]
         local = scores.reshape(S_local, B, E)
+        if self.router_config.group == "position":
+            # [S, B] is s-major: each row s of [S_local, B, E] is one position's group.
+            return RF.group_topk_map(local, self.topk).reshape(-1, E)
         tp = self.tp_group.size() if self.tp_group is not None else 1
         if tp > 1 and self.config.sequence_parallel:
             parts = [torch.empty_like(local) for _ in range(tp)]

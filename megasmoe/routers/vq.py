@@ -5,7 +5,9 @@ Per MoE layer, for each token x (d):
 - SMoE branch: StableMoE's gate g = x . normalize(M)^T (M: E x d, orthogonal init, gain
   0.32), top-k' of g with k' = ``smoe_topk`` (null = moe.topk - 1; the authors' top-1),
   softmax over the k' selected; balance loss L_bal on softmax(g / 0.3) (x moe.aux_loss_coeff,
-  0.01). y_smoe = megatron's MoE pass with that routing.
+  0.01; normalised with k = k' in the convention of ``moe.aux_loss_normalization``,
+  routers/base.py, which at k' = 1 is the papers' formula either way). y_smoe =
+  megatron's MoE pass with that routing.
 - VQ branch: codebook C (K x d, K = ``codebook_size`` = 16, init U(-1/K, 1/K));
   j = argmin_j ||x - C_j||^2; x~ = 0.95 x + 0.05 sg(C_j - x) (``contrib_rate``);
   y_vq = LN(Expert_{j mod E}(LN(x~))), one LayerNorm (affine) used at both places, as
