@@ -10,6 +10,7 @@
     megasmoe launch [--dry-run] CONFIG ...            SLURM plan / pre-flight (docs/slurm.md)
     megasmoe plan CONFIG [key=value ...] [--gpus N] [--gpu-memory 80GB] [--layouts]
                                                       memory per GPU, fit, layouts (docs/planning.md)
+    megasmoe steer discover|apply RUN ...             DSMoE expert discovery and steering (docs/steering.md)
     megasmoe routers                                  list registered routers and fields
     megasmoe config-reference                         print every config field, documented
 
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megasmoe.plan import add_subcommand as add_plan_subcommand
 
     add_plan_subcommand(sub)
+    from megasmoe.evaluation.steer_cli import add_subcommand as add_steer_subcommand
+
+    add_steer_subcommand(sub)
     sub.add_parser("config-reference", help="list config fields").set_defaults(
         fn=_cmd_config_reference)
     return parser
