@@ -10,6 +10,8 @@
     megasmoe launch [--dry-run] CONFIG ...            SLURM plan / pre-flight (docs/slurm.md)
     megasmoe plan CONFIG [key=value ...] [--gpus N] [--gpu-memory 80GB] [--layouts]
                                                       memory per GPU, fit, layouts (docs/planning.md)
+    megasmoe eval RUN [key=value ...] [--data N=F] [--mc N=F] [--batches N]
+                                                      perplexity, multiple-choice accuracy (docs/evaluation.md)
     megasmoe steer discover|apply RUN ...             DSMoE expert discovery and steering (docs/steering.md)
     megasmoe routers                                  list registered routers and fields
     megasmoe config-reference                         print every config field, documented
@@ -178,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megasmoe.plan import add_subcommand as add_plan_subcommand
 
     add_plan_subcommand(sub)
+    from megasmoe.evaluation import add_subcommand as add_eval_subcommand
+
+    add_eval_subcommand(sub)
     from megasmoe.evaluation.steer_cli import add_subcommand as add_steer_subcommand
 
     add_steer_subcommand(sub)
