@@ -28,12 +28,10 @@ from typing import Sequence
 
 import torch
 
-from megasmoe.data.errors import DataError
 
 __all__ = ["STOPWORDS", "IMPORTANCE_PERCENTILE", "FORMAT", "token_importance", "is_filler",
            "important_tokens", "pair_scores", "top_pairs", "steering_document",
-           "write_steering_file", "read_domain_file", "parse_domain", "domain_windows",
-           "Windows"]
+           "write_steering_file", "domain_windows", "Windows"]
 
 IMPORTANCE_PERCENTILE = 15.0
 """Tokens at or below this percentile of a domain's importances are unimportant."""
@@ -154,66 +152,7 @@ def write_steering_file(doc: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-# ---------------------------------------------------------------------------- the text
-
-
-def _utf8_lines(path: Path) -> list[str]:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise DataError(f"{path} line {line}: not UTF-8 (byte 0x{data[e.start]:02x}); "
-                        f"re-encode the file as UTF-8") from None
-
-
-def read_domain_file(path: str | Path) -> list[str]:
-    """Documents of a calibration file: ``.txt`` (documents separated by blank lines) or
-    ``.jsonl`` (one {"text": ...} object per line). DataError naming the file (and line)
-    for a missing, empty or non-UTF-8 file or a bad JSONL line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; give an existing .txt or .jsonl file")
-    if path.suffix not in (".txt", ".jsonl"):
-        raise DataError(f"{path}: unknown calibration file type '{path.suffix}'; use .txt "
-                        f"(documents separated by blank lines) or .jsonl ({{\"text\": ...}})")
-    lines = _utf8_lines(path)
-    docs: list[str] = []
-    if path.suffix == ".jsonl":
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path} line {i}: not JSON ({e.msg}); write one "
-                                f"{{\"text\": ...}} object per line") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise DataError(f"{path} line {i}: no string field 'text'; write one "
-                                f"{{\"text\": ...}} object per line")
-            if obj["text"].strip():
-                docs.append(obj["text"])
-    else:
-        current: list[str] = []
-        for line in [*lines, ""]:
-            if line.strip():
-                current.append(line)
-            elif current:
-                docs.append("\n".join(current))
-                current = []
-    if not docs:
-        raise DataError(f"{path}: no text (the file is empty or blank); give calibration "
-                        f"text of the domain")
-    return docs
-
-
-def parse_domain(spec: str) -> tuple[str, str]:
-    """``NAME=FILE`` -> (name, file); DataError otherwise."""
-    name, sep, file = spec.partition("=")
-    if not sep or not name or not file:
-        raise DataError(f"--domain {spec}: expected NAME=FILE (e.g. --domain "
-                        f"austen=novels.txt)")
-    return name, file
+# ---------------------------------------------------------------------------- the windows
 
 
 class Windows:

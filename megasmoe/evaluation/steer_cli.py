@@ -36,8 +36,9 @@ def _cmd_discover(args) -> int:
     from megasmoe.config import ConfigError
     from megasmoe.data.errors import DataError
     from megasmoe.evaluation import steer as S
+    from megasmoe.evaluation.sources import parse_named, read_documents
 
-    domains = [S.parse_domain(spec) for spec in args.domain]
+    domains = [parse_named(spec) for spec in args.domain]
     names = [n for n, _ in domains]
     if len(set(names)) != len(names):
         raise DataError(f"--domain names repeat ({', '.join(names)}); give each domain once")
@@ -48,7 +49,7 @@ def _cmd_discover(args) -> int:
         raise ConfigError(f"--mode {args.mode}: use multiplicative or additive")
     if args.top_n < 1 or args.max_tokens < 2:
         raise ConfigError("--top-n must be >= 1 and --max-tokens >= 2")
-    docs = [(n, f, S.read_domain_file(f)) for n, f in domains]  # before any process starts
+    docs = [(n, f, read_documents(f)) for n, f in domains]  # before any process starts
     from megasmoe.evaluation import steer_run as R
 
     run = Path(args.run)
