@@ -13,6 +13,7 @@ written.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ def _cmd_discover(args) -> int:
     from megasmoe.evaluation import steer as S
     from megasmoe.evaluation.sources import parse_named, read_documents
 
+    _later_options(args)
     domains = [parse_named(spec) for spec in args.domain]
     names = [n for n, _ in domains]
     if len(set(names)) != len(names):
@@ -123,6 +125,46 @@ def _cmd_apply(args) -> int:
     return 0
 
 
+def _discover_options(p: argparse.ArgumentParser, default=None) -> None:
+    def dflt(value):
+        return value if default is None else default
+
+    p.add_argument("--domain", action="append", default=dflt([]), metavar="NAME=FILE",
+                   help="calibration text of a domain: .txt (blank-line separated) or .jsonl")
+    p.add_argument("--out", default=dflt(None), help="steering file to write (JSON)")
+    p.add_argument("--target", default=dflt(None), help="domain to steer (default: the first)")
+    p.add_argument("--top-n", type=int, default=dflt(DEFAULT_TOP_N), help="pairs to steer (50)")
+    p.add_argument("--lambda", dest="lam", type=float, default=dflt(DEFAULT_LAMBDA),
+                   help="steering strength (0.10)")
+    p.add_argument("--mode", default=dflt("multiplicative"),
+                   help="multiplicative: delta = log(1 + lambda); additive: delta = lambda")
+    p.add_argument("--max-tokens", type=int, default=dflt(DEFAULT_MAX_TOKENS),
+                   help=f"calibration tokens per domain ({DEFAULT_MAX_TOKENS})")
+
+
+def _later_options(args) -> None:
+    """Merge the options given among the overrides (after RUN) into ``args``."""
+    from megasmoe.config import ConfigError
+
+    later = argparse.ArgumentParser(prog="megasmoe steer discover", add_help=False,
+                                    exit_on_error=False)
+    _discover_options(later, default=argparse.SUPPRESS)
+    later.add_argument("overrides", nargs="*")
+    try:
+        rest = later.parse_intermixed_args(args.rest)
+    except argparse.ArgumentError as e:
+        raise ConfigError(f"megasmoe steer discover: {e}") from None
+    for key, value in vars(rest).items():
+        setattr(args, key, args.domain + value if key == "domain" else value)
+    args.overrides = getattr(rest, "overrides", [])
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"megasmoe steer discover: '{bad[0]}' is not a key=value override")
+    if not args.domain or not args.out:
+        raise ConfigError("megasmoe steer discover: give --domain NAME=FILE (one or more) "
+                          "and --out FILE")
+
+
 def add_subcommand(sub) -> None:
     """Register ``megasmoe steer discover|apply`` on the top-level subparsers ``sub``."""
     p = sub.add_parser("steer", help="DSMoE expert discovery and steering (docs/steering.md)")
@@ -130,19 +172,12 @@ def add_subcommand(sub) -> None:
     d = steer.add_parser("discover", help="score (layer, expert) pairs per domain, write the "
                                           "steering file")
     d.add_argument("run", help="run directory (its newest checkpoint is used)")
-    d.add_argument("overrides", nargs="*", help="dotted key=value overrides (e.g. the layout: "
-                                                "parallel.world_size=2 parallel.ep=2)")
-    d.add_argument("--domain", action="append", required=True, metavar="NAME=FILE",
-                   help="calibration text of a domain: .txt (blank-line separated) or .jsonl")
-    d.add_argument("--out", required=True, help="steering file to write (JSON)")
-    d.add_argument("--target", default=None, help="domain to steer (default: the first)")
-    d.add_argument("--top-n", type=int, default=DEFAULT_TOP_N, help="pairs to steer (50)")
-    d.add_argument("--lambda", dest="lam", type=float, default=DEFAULT_LAMBDA,
-                   help="steering strength (0.10)")
-    d.add_argument("--mode", default="multiplicative",
-                   help="multiplicative: delta = log(1 + lambda); additive: delta = lambda")
-    d.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                   help=f"calibration tokens per domain ({DEFAULT_MAX_TOKENS})")
+    _discover_options(d)
+    # Overrides and options in any order after RUN (argparse alone would stop taking
+    # overrides at the first option): the rest is parsed again in _later_options.
+    d.add_argument("rest", nargs=argparse.REMAINDER, metavar="[key=value ...] [options]",
+                   help="dotted config overrides (e.g. the layout: parallel.world_size=2 "
+                        "parallel.ep=2), options")
     d.set_defaults(fn=_cmd_discover)
     a = steer.add_parser("apply", help="write a steered run (domain_steer, bias in checkpoint)")
     a.add_argument("run", help="run directory (its newest checkpoint is used)")
