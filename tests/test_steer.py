@@ -1,8 +1,9 @@
 """DSMoE discovery and steering (``megasmoe steer``) on the shared trained tiny run.
 
 One discovery at world size 1 (in this process, twice: the file must come out byte for
-byte the same), one under torchrun at EP=2 (the same pairs and counts), one ``apply``,
-one export with verify, and ``megasmoe eval`` of the steered and the unsteered run.
+byte the same), one under torchrun at EP=2 and one at TP=2+SP (the same pairs and
+counts), one ``apply``, one export with verify, and ``megasmoe eval`` of the steered and
+the unsteered run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from megasmoe.evaluation import steer as S
 
 TOP_N = 6
 LAMBDA = 0.1
+LAYOUTS = {"ep2": ["parallel.ep=2"], "tp2_sp": ["parallel.tp=2", "parallel.sp=true"]}
 CALIBRATION = ["--top-n", str(TOP_N), "--lambda", str(LAMBDA), "--max-tokens", "1024"]
 
 
@@ -43,7 +45,7 @@ def _domain_files(root: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def steer(trained_tiny_run, tmp_path_factory):
     """The shared run copied, the two domain files, and the discovery's file at world
-    size 1 (run twice) and at EP=2."""
+    size 1 (run twice), at EP=2 and at TP=2+SP."""
     root = tmp_path_factory.mktemp("steer")
     run = root / "run"
     shutil.copytree(trained_tiny_run, run)
@@ -52,8 +54,9 @@ def steer(trained_tiny_run, tmp_path_factory):
     for name in ("ws1", "ws1_again"):
         assert main(["steer", "discover", str(run), *domains, "--out", str(root / f"{name}.json"),
                      *CALIBRATION]) == 0
-    run_megasmoe(["steer", "discover", str(run), "parallel.world_size=2", "parallel.ep=2",
-                  *domains, "--out", str(root / "ep2.json"), *CALIBRATION], nproc=2)
+    for name, layout in LAYOUTS.items():
+        run_megasmoe(["steer", "discover", str(run), "parallel.world_size=2", *layout,
+                      *domains, "--out", str(root / f"{name}.json"), *CALIBRATION], nproc=2)
     return {"root": root, "run": run, "domains": domains,
             "file": root / "ws1.json", "doc": json.loads((root / "ws1.json").read_text())}
 
@@ -91,22 +94,23 @@ def test_discover_is_deterministic(steer):
     assert (root / "ws1.json").read_bytes() == (root / "ws1_again.json").read_bytes()
 
 
-def test_discover_at_ep2_writes_the_same_file(steer):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_discover_at_ep2_and_tp2_sp_writes_the_same_file(steer, layout):
     # The counts are integers and the scores a function of them, so the same tokens
     # classified and routed the same way give the same bytes (observed at EP=2 and at
-    # TP=2+SP). Importances and router logits differ across layouts by float rounding
+    # TP=2+SP, where each rank holds half of every sequence). Importances and router logits differ across layouts by float rounding
     # only; a token within that rounding of the percentile or of a routing tie could
     # move one count by one, so the assertion allows that and no more.
     ws1 = steer["doc"]
-    ep2 = json.loads((steer["root"] / "ep2.json").read_text())
-    assert [(p["layer"], p["expert"]) for p in ep2["pairs"]] == \
+    other = json.loads((steer["root"] / f"{layout}.json").read_text())
+    assert [(p["layer"], p["expert"]) for p in other["pairs"]] == \
         [(p["layer"], p["expert"]) for p in ws1["pairs"]]
     for name, d in ws1["domains"].items():
-        assert ep2["domains"][name]["tokens"] == d["tokens"]
-        assert abs(ep2["domains"][name]["important_tokens"] - d["important_tokens"]) <= 1
+        assert other["domains"][name]["tokens"] == d["tokens"]
+        assert abs(other["domains"][name]["important_tokens"] - d["important_tokens"]) <= 1
         for field in ("important", "routed"):
             a = torch.tensor(list(d[field].values()))
-            b = torch.tensor(list(ep2["domains"][name][field].values()))
+            b = torch.tensor(list(other["domains"][name][field].values()))
             assert (a - b).abs().max() <= 1, (name, field)
 
 

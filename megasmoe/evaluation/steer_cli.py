@@ -56,9 +56,9 @@ def _cmd_discover(args) -> int:
 
     run = Path(args.run)
     cfg = R.run_config(run, args.overrides, _world_size())
-    R._refuse_layout(cfg)
+    R.refuse_layout(cfg)
     source = R.newest_checkpoint(run)
-    tok = R._tokenizer(cfg)
+    tok = R.run_tokenizer(cfg)
     if not hasattr(tok, "encode"):
         raise DataError(f"{run}: the run has no tokenizer (data.tokenizer is null); steering "
                         f"needs one to read calibration text")

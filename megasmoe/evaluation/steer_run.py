@@ -32,8 +32,9 @@ from megasmoe.config import ConfigError
 from megasmoe.data.errors import DataError
 from megasmoe.evaluation import steer as S
 
-__all__ = ["run_config", "newest_checkpoint", "build_model", "load_model", "domain_counts",
-           "discover", "apply_steering", "STEERABLE_ROUTERS"]
+__all__ = ["run_config", "newest_checkpoint", "build_model", "load_model", "refuse_layout",
+           "run_tokenizer", "domain_counts", "filler_ids", "discover", "apply_steering",
+           "STEERABLE_ROUTERS"]
 
 STEERABLE_ROUTERS = ("topk", "domain_steer")
 """Routers whose trained tensors and routing ``domain_steer`` reproduces exactly."""
@@ -111,7 +112,7 @@ def load_model(chunks: list, cfg, ckpt_dir: Path, rebuilt: tuple[str, ...] = ())
 # ---------------------------------------------------------------------------- discovery
 
 
-def _refuse_layout(cfg) -> None:
+def refuse_layout(cfg) -> None:
     p = cfg.parallel
     if p.pp > 1 or p.cp > 1:
         raise ConfigError(f"steer discover needs whole layers and whole sequences on a rank "
@@ -122,7 +123,7 @@ def _refuse_layout(cfg) -> None:
 class _Capture:
     """Hooks: the embedding output (kept in the graph) and each router's fp32 choice."""
 
-    def __init__(self, chunk, num_layers: int):
+    def __init__(self, chunk):
         from megasmoe.training.telemetry import routers
 
         self.emb = None
@@ -156,7 +157,7 @@ def domain_counts(chunks: list, cfg, windows: "S.Windows", filler: torch.Tensor,
     """
     from megatron.core import parallel_state as ps
 
-    _refuse_layout(cfg)
+    refuse_layout(cfg)
     (chunk,) = chunks
     device = next(chunk.parameters()).device
     mbs, L = cfg.train.micro_batch_size, cfg.model.num_layers
@@ -172,14 +173,15 @@ def domain_counts(chunks: list, cfg, windows: "S.Windows", filler: torch.Tensor,
     wins = windows.padded(passes * per_pass, pad_id=int(windows.tokens[0, 0]))
     importance = torch.zeros(wins.tokens.shape, dtype=torch.float64)
     stored = []
-    capture = _Capture(chunk, L)
+    capture = _Capture(chunk)
     chunk.eval()
+    model = _forward_module(chunk, cfg)
     try:
         for g in range(passes):
             idx = torch.arange(mbs) + g * per_pass + dp_rank * mbs
             tokens = wins.tokens[idx].to(device)
             positions = torch.arange(S_len, device=device).expand_as(tokens)
-            loss = chunk(tokens, positions, None, labels=wins.labels[idx].to(device))
+            loss = model(tokens, positions, None, labels=wins.labels[idx].to(device))
             total = (loss.float() * wins.loss_mask[idx].to(device)).sum()
             (grad,) = torch.autograd.grad(total, capture.emb)
             imp = S.token_importance(grad, capture.emb.detach())  # [S_local, B]
@@ -214,6 +216,16 @@ def domain_counts(chunks: list, cfg, windows: "S.Windows", filler: torch.Tensor,
             "important_tokens": int(important.sum())}
 
 
+def _forward_module(chunk, cfg):
+    """The chunk as the trainer runs it: wrapped in Float16Module under bf16."""
+    from megatron.core.transformer.module import Float16Module
+
+    from megasmoe.model import to_transformer_config
+
+    tc = to_transformer_config(cfg)
+    return Float16Module(tc, chunk) if tc.bf16 else chunk
+
+
 def filler_ids(tokenizer, windows: list) -> torch.Tensor:
     """[vocab] bool: the token ids of these windows that are stopwords or punctuation."""
     size = max(int(tokenizer.vocab_size), 1 + max(int(w.tokens.max()) for w in windows))
@@ -236,7 +248,7 @@ def discover(chunks: list, cfg, domains: list[tuple[str, str, "S.Windows"]], tar
 
     layers = [i for i, moe in enumerate(moe_layer_pattern(cfg.moe.layer_freq,
                                                            cfg.model.num_layers)) if moe]
-    filler = filler_ids(_tokenizer(cfg), [w for _, _, w in domains])
+    filler = filler_ids(run_tokenizer(cfg), [w for _, _, w in domains])
     notes, summaries, chosen = [], {}, None
     for name, source, windows in domains:
         c = domain_counts(chunks, cfg, windows, filler)
@@ -261,7 +273,8 @@ def discover(chunks: list, cfg, domains: list[tuple[str, str, "S.Windows"]], tar
     return doc, notes
 
 
-def _tokenizer(cfg):
+def run_tokenizer(cfg):
+    """The run's tokenizer (data.tokenizer); vocab facts only for mock data."""
     from megasmoe.training.data import load_run_tokenizer
 
     return load_run_tokenizer(cfg)
