@@ -7,3 +7,8 @@ loop), ``cli`` (the ``megasmoe`` command).
 """
 
 __version__ = "0.1.0"
+
+from megasmoe.platform import imports as _platform_imports
+
+# P8 (megasmoe/platform/imports.py): must be in place before anything imports megatron.
+_platform_imports.install()

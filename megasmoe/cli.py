@@ -14,6 +14,7 @@
                                                       perplexity, multiple-choice accuracy (docs/evaluation.md)
     megasmoe steer discover|apply RUN ...             DSMoE expert discovery and steering (docs/steering.md)
     megasmoe routers                                  list registered routers and fields
+    megasmoe analyze RUN [RUN ...] --out DIR          plots + report comparing runs (docs/analysis.md)
     megasmoe config-reference                         print every config field, documented
 
 Config errors print one line (``megasmoe: config error: ...``) and exit with code 2
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megasmoe.plan import add_subcommand as add_plan_subcommand
 
     add_plan_subcommand(sub)
+    from megasmoe.analysis import add_subcommand as add_analyze_subcommand
+
+    add_analyze_subcommand(sub)
     from megasmoe.evaluation import add_subcommand as add_eval_subcommand
 
     add_eval_subcommand(sub)

@@ -305,6 +305,10 @@ class LoggingConfig:
     """Write TensorBoard event files under <run dir>/tensorboard."""
     progress: bool = True
     """Print a console progress line every log_interval steps."""
+    collapse_probe_tokens: int = 512
+    """Collapse telemetry at each evaluation on the first N valid tokens (rounded up to
+    whole sequences): expert-output CKA/cosine, router-weight similarity, effective and
+    dead experts, to metrics.jsonl and <run dir>/collapse/ (docs/analysis.md); 0 = off."""
 
 
 @dataclass
@@ -693,6 +697,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
     _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _require(cfg.logging.collapse_probe_tokens >= 0,
+             f"logging.collapse_probe_tokens={cfg.logging.collapse_probe_tokens} must be "
+             f">= 0 (0 turns collapse telemetry off)")
     duration_s(t.collective_timeout, "train.collective_timeout")
     _require(e.shared_expert_size >= 0, "moe.shared_expert_size must be >= 0 (0 = none)")
     _require(not e.shared_expert_gate or e.shared_expert_size > 0,
@@ -826,7 +833,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> Config:
         f"{_nearest(t.lr_schedule, ['cosine', 'linear', 'constant', 'wsd'])}",
     )
     _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
-    _require(t.warmup_steps < t.steps or t.steps == 1, f"train.warmup_steps={t.warmup_steps} must be < train.steps={t.steps}; lower train.warmup_steps")
+    # megatron's scheduler asserts warmup < decay steps (= train.steps), even for one step.
+    _require(t.warmup_steps < t.steps,
+             f"train.warmup_steps={t.warmup_steps} must be < train.steps={t.steps}; "
+             f"lower train.warmup_steps")
     _require(
         t.precision in ("auto", "fp32", "bf16"),
         f"train.precision='{t.precision}' is unknown; use auto, fp32 or bf16",

@@ -98,3 +98,11 @@ def trained_tiny_run(tmp_path_factory) -> Path:
     with a final checkpoint and one valid/loss record at the last step."""
     return pretrain(tmp_path_factory.mktemp("shared_trained"), "tiny", TRAINED_TINY_OVERRIDES,
                     nproc=2)
+
+
+@pytest.fixture(scope="session")
+def fresh_install(tmp_path_factory):
+    """The README's set-up and first command on a fresh copy (tests/fresh_install.py)."""
+    from fresh_install import fresh_install as run
+
+    return run(tmp_path_factory.mktemp("fresh"))

@@ -494,6 +494,10 @@ def test_warmup_not_below_steps():
     msg = config_error(["train.warmup_steps=200"])
     assert "train.warmup_steps=200" in msg and "train.steps=200" in msg
     assert "lower train.warmup_steps" in msg
+    # One step is no exception: megatron's scheduler would assert (warmup < decay steps).
+    msg = config_error(["train.steps=1"])
+    assert "train.warmup_steps=10 must be < train.steps=1" in msg, msg
+    assert ok(["train.steps=1", "train.warmup_steps=0"]).train.steps == 1
 
 
 def test_steps_positive():

@@ -9,8 +9,9 @@
 * scales are recomputed at every call (no state): weights scaled by 100 between two
   calls give outputs scaled by 100, not saturated;
 * training: the default 200-step run with train.fp8=rowwise ends within 1% of the fp32
-  run's validation loss (both on the grouped backend); its step-190 checkpoint resumes
-  to the same step-200 losses, bitwise.
+  run's validation loss (both on the grouped backend; the fp32 run is the README's first
+  command on a fresh install, shared with tests/test_install.py); its step-190 checkpoint
+  resumes to the same step-200 losses, bitwise.
 """
 
 from __future__ import annotations
@@ -129,14 +130,22 @@ def default_run(run_dir: Path, fp8: str, *overrides: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def default_runs(tmp_path_factory) -> dict[str, Path]:
-    """fp32 and rowwise FP8 default runs; the FP8 one saves at step 190 too."""
+def default_runs(tmp_path_factory, fresh_install) -> dict[str, Path]:
+    """fp32 and rowwise FP8 default runs; the FP8 one saves at step 190 too. The fp32 run
+    is the README's first command on a fresh install (tests/fresh_install.py, shared with
+    tests/test_install.py): the same config, and `grouped` is the default backend."""
+    assert fresh_install.default_run.returncode == 0, fresh_install.default_run.stderr[-3000:]
     root = tmp_path_factory.mktemp("fp8_default")
-    return {"fp32": default_run(root / "fp32", "null", "checkpoint.enabled=false"),
+    return {"fp32": fresh_install.run_dir,
             "rowwise": default_run(root / "rowwise", "rowwise", "checkpoint.interval=190")}
 
 
 def test_200_step_rowwise_run_is_within_the_gate_of_fp32(default_runs):
+    import yaml
+
+    for run_dir in default_runs.values():  # the same model and data, fp8 aside
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+        assert cfg["moe"]["expert_backend"] == "grouped" and cfg["train"]["steps"] == 200
     fp32, fp8 = valid_loss(default_runs["fp32"]), valid_loss(default_runs["rowwise"])
     gap = abs(fp8 - fp32) / fp32
     assert gap <= GATE, (fp32, fp8, gap)

@@ -648,6 +648,53 @@ def test_inactive_when_cuda_is_available():
     assert out["backend"] == "nccl"
 
 
+P8_CPU = """
+import json, sys
+import megasmoe
+light = "torch" not in sys.modules
+import megasmoe.training.trainer
+import megatron.core.jit as jit
+from megatron.core.fusions import fused_bias_gelu
+from megasmoe.platform import imports
+print(json.dumps({
+    "light": light,
+    "noop": jit.jit_fuser is jit.noop_decorator,
+    "flag": imports.jit_fuser_is_off(),
+    "plain": not hasattr(fused_bias_gelu.bias_gelu, "_torchdynamo_orig_callable"),
+    "dynamo": "torch._dynamo" in sys.modules,
+}))
+"""
+
+P8_CUDA = """
+import json
+import torch
+torch.cuda.is_available = lambda: True
+import megasmoe
+import megatron.core.jit as jit
+from megatron.core.fusions import fused_bias_gelu
+from megasmoe.platform import imports
+print(json.dumps({
+    "compile": jit.jit_fuser is torch.compile,
+    "flag": imports.jit_fuser_is_off(),
+    "compiled": hasattr(fused_bias_gelu.bias_gelu, "_torchdynamo_orig_callable"),
+}))
+"""
+
+
+def test_p8_jit_fuser_is_off_on_cpu_from_import_megasmoe():
+    """megatron's fusions stay plain functions, and torch.compile's machinery (dynamo,
+    inductor: ~1.5 s of CPU per process) is never imported; ``import megasmoe`` itself
+    still imports no torch."""
+    out = run_script(P8_CPU)
+    assert out == {"light": True, "noop": True, "flag": True, "plain": True,
+                   "dynamo": False}, out
+
+
+def test_p8_inactive_when_cuda_is_available():
+    out = run_script(P8_CUDA)
+    assert out == {"compile": True, "flag": False, "compiled": True}, out
+
+
 def test_causal_mask_is_built_on_cpu_outside_the_device_mode():
     """Full recompute rebuilds the attention mask in the backward pass, off P3's mode."""
     from megatron.core.fusions import fused_softmax

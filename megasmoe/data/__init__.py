@@ -6,6 +6,8 @@
   Hugging Face tokenizers as megatron-core dataset tokenizers.
 - ``preprocess``: .jsonl / .txt files -> ``.bin``/``.idx`` indexed datasets, and checks.
 - ``default``: the embedded corpus prepared once and cached for training.
+- ``evalsets``: embedded evaluation data (held-out Austen and Python standard-library
+  text, multiple-choice continuation sets), made by ``build_evalsets``.
 
 Every user-facing problem is a one-line :class:`DataError`.
 """

@@ -171,7 +171,19 @@ def _needs_tokenizer(what: str):
                      "unset); add data.tokenizer=PATH to the command")
 
 
-def _text_samples(ts, cfg, tok) -> list:
+def _first_documents(docs, encode, tokens: Optional[int]) -> list:
+    """The token documents, only as many as fill ``tokens`` (None: all): the rest would
+    never be read (--batches)."""
+    out, have = [], 0
+    for d in docs:
+        if tokens is not None and have > tokens:
+            break
+        out.append(encode(d))
+        have += len(out[-1]) + 1
+    return out
+
+
+def _text_samples(ts, cfg, tok, batches: Optional[int]) -> list:
     from megasmoe.data import DataError
     from megasmoe.evaluation.engine import pack_documents, read_indexed_documents
 
@@ -185,7 +197,8 @@ def _text_samples(ts, cfg, tok) -> list:
         return pack_documents(docs, L, tok.eod if tok else 0, append_eod=False)
     if tok is None:
         raise _needs_tokenizer(f"--data {ts.name}")
-    return pack_documents([tok.encode(d) for d in ts.documents], L, tok.eod)
+    need = batches * cfg.train.global_batch_size * L + 1 if batches else None
+    return pack_documents(_first_documents(ts.documents, tok.encode, need), L, tok.eod)
 
 
 def prepare(args, launched: Optional[int] = None) -> EvalPlan:
@@ -224,7 +237,8 @@ def prepare(args, launched: Optional[int] = None) -> EvalPlan:
         from megasmoe.training.data import resolve_data
 
         resolve_data(cfg)
-    plan.texts = [(t, None if t.kind == "split" else _text_samples(t, cfg, tok)) for t in texts]
+    plan.texts = [(t, None if t.kind == "split" else _text_samples(t, cfg, tok, args.batches))
+                  for t in texts]
     for m in mcs:
         if tok is None:
             raise _needs_tokenizer(f"--mc {m.name}")
@@ -232,6 +246,14 @@ def prepare(args, launched: Optional[int] = None) -> EvalPlan:
         plan.mcs.append((m, items, mc.build_requests(items, tok.encode, tok.eod,
                                                      cfg.train.seq_length, m.source)))
     return plan
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(plan: EvalPlan) -> dict:
@@ -242,6 +264,8 @@ def run(plan: EvalPlan) -> dict:
     from megasmoe.training.distributed import destroy_distributed, init_distributed
 
     cfg, gbs = plan.cfg, plan.cfg.train.global_batch_size
+    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())  # alone: 29500 may be another job's
     init_distributed(cfg)
     try:
         ev = Evaluator(cfg)

@@ -5,7 +5,7 @@ the front of the choice; whole = encode(context + choice), ctx = encode(context)
 continuation is whole[len(ctx):]; an empty context is the EOD token. The choice's
 log-likelihood is the sum of log p(token | everything before) over the continuation.
 acc: the highest log-likelihood is the answer; acc_norm: the highest log-likelihood per
-byte of the choice (UTF-8) is.
+character of the choice string is (lm-eval's acc_norm; its acc_bytes divides by bytes).
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ def continuation_loglik(token_logprobs: Sequence[float], n_cont: int) -> float:
 
 
 def accuracy(logliks: Sequence[float], choices: Sequence[str], answer: int) -> tuple[int, int]:
-    """(pred, pred_norm): argmax of log-likelihood, and of log-likelihood per UTF-8 byte.
+    """(pred, pred_norm): argmax of log-likelihood, and of log-likelihood per character.
 
     Ties go to the first choice (numpy's argmax, as lm-eval)."""
     pred = max(range(len(logliks)), key=lambda i: (logliks[i], -i))
-    per_byte = [ll / len(c.encode("utf-8")) for ll, c in zip(logliks, choices)]
-    pred_norm = max(range(len(per_byte)), key=lambda i: (per_byte[i], -i))
+    per_char = [ll / len(c) for ll, c in zip(logliks, choices)]
+    pred_norm = max(range(len(per_char)), key=lambda i: (per_char[i], -i))
     return pred, pred_norm
 
 

@@ -61,6 +61,10 @@ P7 ``model_forward_without_mode``
     mode. (Under full recompute the layers' forward runs again inside the backward,
     with the mode, as before.)
 
+The eighth measure, P8 ``jit_fuser_off_on_cpu`` (megasmoe/platform/imports.py), is not
+in PATCHES: it acts when megatron-core is imported, not at ``activate()``; megatron's
+``jit_fuser`` (torch.compile) becomes its no-op decorator on CPU.
+
 Not a patch but part of the same contract (see megasmoe/routers/base.py): the router
 computes its logits with ``gating()`` overridden to run in fp32 on the input's device,
 because ``Router.gating`` moves the weight to the CUDA device and, without Transformer

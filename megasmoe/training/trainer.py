@@ -36,7 +36,7 @@ from megasmoe import platform
 from megasmoe.config import Config, save_config
 from megasmoe.model import build_model_chunks, layout_invariant_init, to_transformer_config
 from megasmoe.plan import flops_per_token  # noqa: F401  (re-exported)
-from megasmoe.training import heatmap, telemetry
+from megasmoe.training import collapse, heatmap, telemetry
 from megasmoe.training.data import batch_iterator, build_datasets
 from megasmoe.training.distributed import destroy_distributed, init_distributed, is_main
 from megasmoe.training.metrics import MetricsWriter, Throughput
@@ -103,6 +103,8 @@ class Trainer:
         self._build_model()
         self._build_optimizer()
         self._build_data()
+        self.collapse = collapse.Probe(cfg, self.model, self.unwrapped, self.routers,
+                                       self.valid_ds, self.device)
         self.ckpt_root = ckpt.checkpoint_root(cfg.run.path)
         self.async_queue = None
         if cfg.checkpoint.enabled and _use_async_save(cfg):
@@ -262,19 +264,21 @@ class Trainer:
         for m in self.model:
             m.eval()
         total, tokens = 0.0, 0.0
+        before = collapse.snapshot(self.routers)
         # The same validation batches every time: comparable across steps and resumes.
         valid_iters = self._iterators(self.valid_ds, 0)
         for _ in range(t.eval_iters):
             losses = self._run_schedule(valid_iters, forward_only=True)
             loss, n = self._global_loss(losses)
             total, tokens = total + loss * n, tokens + n
+        probe = self.collapse.measure(before, self.step, self.cfg.run.path, is_main())
         for m in self.model:
             m.train()
         # Eval must not leak into the training aux-loss logs.
         moe_utils.clear_aux_losses_tracker()
         telemetry.reset(self.unwrapped)
         loss = total / max(tokens, 1.0)
-        return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0))}
+        return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0)), **probe}
 
     # ------------------------------------------------------------------ the loop
 
