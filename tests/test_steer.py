@@ -8,7 +8,6 @@ the unsteered run.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import shutil
@@ -27,21 +26,6 @@ LAYOUTS = {"ep2": ["parallel.ep=2"], "tp2_sp": ["parallel.tp=2", "parallel.sp=tr
 CALIBRATION = ["--top-n", str(TOP_N), "--lambda", str(LAMBDA), "--max-tokens", "1024"]
 
 
-def _domain_files(root: Path) -> tuple[Path, Path]:
-    """Austen (the corpus' test split) as .txt; Python standard-library source as .jsonl."""
-    import string
-    import textwrap
-
-    from megasmoe.data import corpus_documents
-
-    austen = root / "austen.txt"
-    austen.write_text("\n\n".join(d.replace("\n\n", "\n") for d in corpus_documents("test")[:2]))
-    python = root / "python.jsonl"
-    python.write_text("".join(json.dumps({"text": inspect.getsource(m)}) + "\n"
-                              for m in (json.decoder, string, textwrap)))
-    return austen, python
-
-
 @pytest.fixture(scope="module")
 def steer(trained_tiny_run, tmp_path_factory):
     """The shared run copied, the two domain files, and the discovery's file at world
@@ -49,21 +33,21 @@ def steer(trained_tiny_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("steer")
     run = root / "run"
     shutil.copytree(trained_tiny_run, run)
-    austen, python = _domain_files(root)
-    domains = ["--domain", f"austen={austen}", "--domain", f"python={python}"]
+    domains = ["--domain", "austen", "--domain", "python"]  # embedded (megasmoe.data.evalsets)
     for name in ("ws1", "ws1_again"):
         assert main(["steer", "discover", str(run), *domains, "--out", str(root / f"{name}.json"),
                      *CALIBRATION]) == 0
     for name, layout in LAYOUTS.items():
         run_megasmoe(["steer", "discover", str(run), "parallel.world_size=2", *layout,
                       *domains, "--out", str(root / f"{name}.json"), *CALIBRATION], nproc=2)
-    return {"root": root, "run": run, "domains": domains,
+    return {"root": root, "run": run,
             "file": root / "ws1.json", "doc": json.loads((root / "ws1.json").read_text())}
 
 
 def test_discover_writes_the_top_n_pairs_of_the_target_domain(steer):
     doc = steer["doc"]
     assert doc["format"] == S.FORMAT and doc["domain"] == "austen"
+    assert doc["domains"]["python"]["source"] == "embedded:python"
     assert doc["mode"] == "multiplicative" and doc["lambda"] == LAMBDA
     pairs = [(p["layer"], p["expert"]) for p in doc["pairs"]]
     assert len(pairs) == len(set(pairs)) == TOP_N
@@ -182,10 +166,17 @@ def test_eval_reports_the_per_domain_effect(steer, steered, monkeypatch):
     for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())),
                        ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(key, value)
-    domains = ["--data" if a == "--domain" else a for a in steer["domains"]]
+    from megasmoe.data import evalsets
+
+    data = []
+    for d in ("austen", "python"):  # the embedded domains as files: no other default set
+        path = steer["root"] / f"{d}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n"
+                                for t in evalsets.domain_documents(d)[:2]))
+        data += ["--data", f"{d}={path}"]
     losses = {}
     for name, run in (("plain", steer["run"]), ("steered", steered)):
-        assert main(["eval", str(run), "parallel.world_size=1", "parallel.ep=1", *domains,
+        assert main(["eval", str(run), "parallel.world_size=1", "parallel.ep=1", *data,
                      "--no-default-sets", "--batches", "1", "--name", "steer"]) == 0
         report = json.loads((run / "eval" / "steer.json").read_text())
         assert report["router"] == ("domain_steer" if name == "steered" else "topk")

@@ -1,6 +1,6 @@
 """``megasmoe steer ...``: DSMoE expert discovery and steering (docs/steering.md).
 
-    steer discover RUN [key=value ...] --domain NAME=FILE [--domain NAME=FILE ...]
+    steer discover RUN [key=value ...] --domain NAME=FILE|austen|python [--domain ...]
                    --out steer.json [--target NAME] [--top-n 50] [--lambda 0.10]
                    [--mode multiplicative|additive] [--max-tokens 32768]
     steer apply RUN steer.json --out NEW_RUN
@@ -33,15 +33,26 @@ def _world_size() -> int | None:
     return int(ws) if ws else None
 
 
+def _domain(spec: str) -> tuple[str, str, list[str]]:
+    """(name, source, documents) of a --domain: NAME=FILE, or the name of an embedded
+    evaluation domain (megasmoe.data.evalsets: austen, python)."""
+    from megasmoe.data import evalsets
+    from megasmoe.evaluation.sources import parse_named, read_documents
+
+    if "=" not in spec and spec in evalsets.DOMAINS:
+        return spec, f"embedded:{spec}", evalsets.domain_documents(spec)
+    name, path = parse_named(spec)
+    return name, str(Path(path).resolve()), read_documents(path)
+
+
 def _cmd_discover(args) -> int:
     from megasmoe.config import ConfigError
     from megasmoe.data.errors import DataError
     from megasmoe.evaluation import steer as S
-    from megasmoe.evaluation.sources import parse_named, read_documents
 
     _later_options(args)
-    domains = [parse_named(spec) for spec in args.domain]
-    names = [n for n, _ in domains]
+    domains = [_domain(spec) for spec in args.domain]  # read before any process starts
+    names = [n for n, _, _ in domains]
     if len(set(names)) != len(names):
         raise DataError(f"--domain names repeat ({', '.join(names)}); give each domain once")
     target = args.target or names[0]
@@ -51,28 +62,26 @@ def _cmd_discover(args) -> int:
         raise ConfigError(f"--mode {args.mode}: use multiplicative or additive")
     if args.top_n < 1 or args.max_tokens < 2:
         raise ConfigError("--top-n must be >= 1 and --max-tokens >= 2")
-    docs = [(n, f, read_documents(f)) for n, f in domains]  # before any process starts
     from megasmoe.evaluation import steer_run as R
 
     run = Path(args.run)
     cfg = R.run_config(run, args.overrides, _world_size())
     R.refuse_layout(cfg)
-    source = R.newest_checkpoint(run)
+    ckpt_dir = R.newest_checkpoint(run)
     tok = R.run_tokenizer(cfg)
     if not hasattr(tok, "encode"):
         raise DataError(f"{run}: the run has no tokenizer (data.tokenizer is null); steering "
                         f"needs one to read calibration text")
-    windows = [(n, str(Path(f).resolve()), S.domain_windows(d, tok, cfg.train.seq_length,
-                                                            args.max_tokens))
-               for n, f, d in docs]
+    windows = [(n, source, S.domain_windows(d, tok, cfg.train.seq_length, args.max_tokens))
+               for n, source, d in domains]
     from megasmoe.checkpoint import read_meta
 
-    meta = read_meta(source)
-    provenance = {"run": str(run.resolve()), "checkpoint": source.name,
+    meta = read_meta(ckpt_dir)
+    provenance = {"run": str(run.resolve()), "checkpoint": ckpt_dir.name,
                   "step": int(meta.get("step", 0)), "max_tokens": args.max_tokens}
     with _process_group(cfg):
         chunks = R.build_model(cfg)
-        R.load_model(chunks, cfg, source)
+        R.load_model(chunks, cfg, ckpt_dir)
         doc, notes = R.discover(chunks, cfg, windows, target, args.top_n, args.mode,
                                 args.lam, provenance)
         if os.environ.get("RANK", "0") == "0":
@@ -130,7 +139,8 @@ def _discover_options(p: argparse.ArgumentParser, default=None) -> None:
         return value if default is None else default
 
     p.add_argument("--domain", action="append", default=dflt([]), metavar="NAME=FILE",
-                   help="calibration text of a domain: .txt (blank-line separated) or .jsonl")
+                   help="calibration text of a domain: .txt (blank-line separated) or .jsonl "
+                        "({\"text\": ...}), or an embedded domain: austen, python")
     p.add_argument("--out", default=dflt(None), help="steering file to write (JSON)")
     p.add_argument("--target", default=dflt(None), help="domain to steer (default: the first)")
     p.add_argument("--top-n", type=int, default=dflt(DEFAULT_TOP_N), help="pairs to steer (50)")
