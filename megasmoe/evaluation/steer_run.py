@@ -296,7 +296,8 @@ def _check_steerable(tree: dict, run_dir: Path) -> None:
     if odd:
         raise ConfigError(f"{run_dir}: its topk router sets {odd}; domain_steer routes with "
                           f"softmax over the top-k logits only, so the steered run would "
-                          f"route differently beyond the steering")
+                          f"route differently beyond the steering; steer a run trained with "
+                          f"the topk defaults")
 
 
 def _check_moe_layers(path: Path, cfg) -> None:
@@ -317,7 +318,7 @@ def apply_steering(run_dir: Path, steering: Path, out: Path) -> Path:
     checkpoint written. Refuses (ConfigError/DataError, nothing written) a steering file
     naming layers or experts the model lacks, a router domain_steer cannot stand for,
     or an ``out`` that exists and is not empty."""
-    from megasmoe.config import save_config, validate
+    from megasmoe.config import save_config, to_dict, validate
     from megasmoe.convert.runtime import config_from_dict, single_process, single_process_config
     from megasmoe.convert.weights_only import save_weights_only
 
@@ -344,7 +345,7 @@ def apply_steering(run_dir: Path, steering: Path, out: Path) -> Path:
     try:
         shutil.copyfile(steering, out / "steer.json")
         final = validate(config_from_dict(steered(out / "steer.json")))
-        one = single_process_config(copy.deepcopy(_to_dict(final)), out)
+        one = single_process_config(to_dict(final), out)
         with single_process(one):
             chunks = build_model(one)
             load_model(chunks, one, source, rebuilt=("steering_bias",))
@@ -362,9 +363,3 @@ def apply_steering(run_dir: Path, steering: Path, out: Path) -> Path:
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
         raise
     return path
-
-
-def _to_dict(cfg) -> dict:
-    from megasmoe.config import to_dict
-
-    return to_dict(cfg)
