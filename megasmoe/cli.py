@@ -12,6 +12,7 @@
                                                       memory per GPU, fit, layouts (docs/planning.md)
     megasmoe eval RUN [key=value ...] [--data N=F] [--mc N=F] [--batches N]
                                                       perplexity, multiple-choice accuracy (docs/evaluation.md)
+    megasmoe steer discover|apply RUN ...             DSMoE expert discovery and steering (docs/steering.md)
     megasmoe routers                                  list registered routers and fields
     megasmoe analyze RUN [RUN ...] --out DIR          plots + report comparing runs (docs/analysis.md)
     megasmoe config-reference                         print every config field, documented
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megasmoe.evaluation import add_subcommand as add_eval_subcommand
 
     add_eval_subcommand(sub)
+    from megasmoe.evaluation.steer_cli import add_subcommand as add_steer_subcommand
+
+    add_steer_subcommand(sub)
     sub.add_parser("config-reference", help="list config fields").set_defaults(
         fn=_cmd_config_reference)
     return parser

@@ -7,7 +7,8 @@ global top-N (layer, expert) pairs of a steering file. Zero extra inference cost
 bias add; the bias is a persistent buffer (checkpointed) and can be folded into an
 exported gate that has a bias.
 
-Steering file (JSON), as written by the discovery step (a later issue)::
+Steering file (JSON), as ``megasmoe steer discover`` writes it (docs/steering.md; extra
+fields are ignored here)::
 
     {"mode": "multiplicative", "lambda": 0.10,
      "experts": {"0": [3, 5], "2": [1]}}       # 0-based global layer -> expert ids

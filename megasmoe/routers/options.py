@@ -183,9 +183,15 @@ def read_steering_file(path: str, num_layers: int, num_experts: int) -> dict:
     experts = {}
     for layer, ids in data.get("experts", {}).items():
         layer = int(layer)
-        if not 0 <= layer < num_layers or any(not 0 <= i < num_experts for i in ids):
-            raise ConfigError(f"moe.router.file='{path}': layer {layer} / experts {ids} out of "
-                              f"range ({num_layers} layers, {num_experts} experts)")
+        fix = "remove it or discover the file on this model (megasmoe steer discover)"
+        if not 0 <= layer < num_layers:
+            raise ConfigError(f"moe.router.file='{path}': layer {layer} does not exist (the "
+                              f"model has layers 0..{num_layers - 1}); {fix}")
+        bad = [i for i in ids if not 0 <= i < num_experts]
+        if bad:
+            raise ConfigError(f"moe.router.file='{path}': layer {layer} names expert "
+                              f"{bad[0]}, which does not exist (the model has experts "
+                              f"0..{num_experts - 1}); {fix}")
         experts[layer] = [int(i) for i in ids]
     return {"mode": data.get("mode", "multiplicative"), "lambda": float(data.get("lambda", 0.1)),
             "experts": experts}
