@@ -110,12 +110,13 @@ def _routers(run: Path):
     """(layer -> router) of the run's model at world size 1, loaded from its checkpoint."""
     from megasmoe.config import to_dict
     from megasmoe.convert.runtime import single_process_config
-    from megasmoe.evaluation.steer_run import build_model, load_model, newest_checkpoint, run_config
+    from megasmoe.evaluation.engine import load_model_tensors
+    from megasmoe.evaluation.steer_run import build_model, newest_checkpoint, run_config
     from megasmoe.training.telemetry import routers
 
     cfg = single_process_config(to_dict(run_config(run, [], None)), run)
     chunks = build_model(cfg)
-    load_model(chunks, cfg, newest_checkpoint(run))
+    load_model_tensors(chunks, cfg, newest_checkpoint(run))
     return {r.layer_number - 1: r for r in routers(chunks)}, cfg
 
 
@@ -175,14 +176,19 @@ def test_eval_reports_the_per_domain_effect(steer, steered, monkeypatch):
                                 for t in evalsets.domain_documents(d)[:2]))
         data += ["--data", f"{d}={path}"]
     losses = {}
-    for name, run in (("plain", steer["run"]), ("steered", steered)):
-        assert main(["eval", str(run), "parallel.world_size=1", "parallel.ep=1", *data,
-                     "--no-default-sets", "--batches", "1", "--name", "steer"]) == 0
-        report = json.loads((run / "eval" / "steer.json").read_text())
-        assert report["router"] == ("domain_steer" if name == "steered" else "topk")
+    # "switched": the unsteered checkpoint evaluated with the steering file named on the
+    # command line (no steer apply): the same numbers as the applied run.
+    switch = ["moe.router.name=domain_steer", f"moe.router.file={steer['file']}"]
+    for name, run, extra in (("plain", steer["run"], []), ("steered", steered, []),
+                             ("switched", steer["run"], switch)):
+        assert main(["eval", str(run), "parallel.world_size=1", "parallel.ep=1", *extra,
+                     *data, "--no-default-sets", "--batches", "1", "--name", f"steer-{name}"]) == 0
+        report = json.loads((run / "eval" / f"steer-{name}.json").read_text())
+        assert report["router"] == ("topk" if name == "plain" else "domain_steer")
         losses[name] = {d: report["datasets"][d]["loss"] for d in ("austen", "python")}
     for d in ("austen", "python"):
         assert math.isfinite(losses["plain"][d]) and losses["steered"][d] != losses["plain"][d]
+        assert losses["switched"][d] == pytest.approx(losses["steered"][d], rel=1e-6, abs=0)
 
 
 def _one_line_error(capsys, argv: list[str]) -> str:

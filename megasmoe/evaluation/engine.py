@@ -35,7 +35,7 @@ from megasmoe.training import telemetry
 from megasmoe.training.data import build_datasets
 from megasmoe.training.trainer import Trainer
 
-__all__ = ["Evaluator", "pack_documents", "padded_to_batches", "read_indexed_documents",
+__all__ = ["Evaluator", "load_model_tensors", "rebuilt_buffers", "pack_documents", "padded_to_batches", "read_indexed_documents",
            "perplexity"]
 
 KEYS = ("tokens", "labels", "loss_mask", "position_ids")
@@ -105,6 +105,50 @@ def _token_losses(output: torch.Tensor):
     return zero, torch.tensor(1, dtype=torch.int), {"token_loss": output.detach().float()}
 
 
+def load_model_tensors(chunks: list, cfg: Config, ckpt_dir: Path,
+                       rebuilt: tuple[str, ...] = ()) -> dict:
+    """Load the model tensors of a checkpoint into ``chunks`` (any layout, weights-only
+    too; no optimizer); returns the checkpoint's meta. Collective; the checkpoint is only
+    read.
+
+    ``rebuilt``: buffer names (e.g. ``steering_bias``) that keep the value the model was
+    built with instead of the checkpoint's, whether the checkpoint has them or not (a
+    topk-trained checkpoint has no steering bias). Every other tensor must be there.
+    """
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = Path(ckpt_dir)
+    meta = ckpt.read_meta(ckpt_dir)
+    ckpt.check_compatible(meta, cfg, ckpt_dir)
+    keys = [("model" if len(chunks) == 1 else f"model{i}") for i in range(len(chunks))]
+    state = {k: c.sharded_state_dict(metadata=ckpt.SHARDING_METADATA)
+             for k, c in zip(keys, chunks)}
+    kept = {k: [name for name in state[k] if name.rsplit(".", 1)[-1] in rebuilt] for k in keys}
+    for k in keys:
+        for name in kept[k]:
+            del state[k][name]
+    ckpt.check_model_tensors(list(state.values()), ckpt_dir, meta, cfg)
+    _, load_strategy = ckpt._strategies(None)
+    with ckpt._no_sharded_tensor_deprecation():
+        loaded = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=load_strategy)
+    for k, chunk in zip(keys, chunks):
+        own = chunk.state_dict()
+        tensors = dict(loaded[k])
+        tensors.update({name: own[name] for name in kept[k]})
+        chunk.load_state_dict(tensors, strict=True)
+    return meta
+
+
+def rebuilt_buffers(cfg: Config) -> tuple[str, ...]:
+    """Buffers an evaluation takes from its own config, not the checkpoint: the steering
+    bias of ``domain_steer`` given a steering file (so a topk checkpoint can be evaluated
+    steered); without a file the checkpoint's bias is used (a steered run's)."""
+    rc = cfg.moe.router
+    if rc.name == "domain_steer" and rc.options.get("file"):
+        return ("steering_bias",)
+    return ()
+
+
 class Evaluator(Trainer):
     """A Trainer that only evaluates: model chunks in eval mode, weights from a checkpoint.
 
@@ -144,20 +188,8 @@ class Evaluator(Trainer):
 
         Collective. Only model tensors are read; the checkpoint is not changed.
         """
-        from megatron.core import dist_checkpointing
-
-        from megasmoe.convert.weights_only import _model_state
-
-        ckpt_dir = Path(ckpt_dir)
-        meta = ckpt.read_meta(ckpt_dir)
-        ckpt.check_compatible(meta, self.cfg, ckpt_dir)
-        state = _model_state(self.unwrapped)
-        ckpt.check_model_tensors(list(state.values()), ckpt_dir, meta, self.cfg)
-        _, strategy = ckpt._strategies(self)
-        with ckpt._no_sharded_tensor_deprecation():
-            loaded = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=strategy)
-        for key, chunk in zip(state, self.unwrapped):
-            chunk.load_state_dict(loaded[key], strict=True)
+        meta = load_model_tensors(self.unwrapped, self.cfg, ckpt_dir,
+                                  rebuilt=rebuilt_buffers(self.cfg))
         for m in self.model:
             m.eval()
         self.step = int(meta.get("step", 0))

@@ -63,6 +63,7 @@ def _cmd_discover(args) -> int:
     if args.top_n < 1 or args.max_tokens < 2:
         raise ConfigError("--top-n must be >= 1 and --max-tokens >= 2")
     from megasmoe.evaluation import steer_run as R
+    from megasmoe.evaluation.engine import load_model_tensors
 
     run = Path(args.run)
     cfg = R.run_config(run, args.overrides, _world_size())
@@ -81,7 +82,7 @@ def _cmd_discover(args) -> int:
                   "step": int(meta.get("step", 0)), "max_tokens": args.max_tokens}
     with _process_group(cfg):
         chunks = R.build_model(cfg)
-        R.load_model(chunks, cfg, ckpt_dir)
+        load_model_tensors(chunks, cfg, ckpt_dir)
         doc, notes = R.discover(chunks, cfg, windows, target, args.top_n, args.mode,
                                 args.lam, provenance)
         if os.environ.get("RANK", "0") == "0":

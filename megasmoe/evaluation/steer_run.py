@@ -31,8 +31,9 @@ from megasmoe import checkpoint as ckpt
 from megasmoe.config import ConfigError
 from megasmoe.data.errors import DataError
 from megasmoe.evaluation import steer as S
+from megasmoe.evaluation.engine import load_model_tensors
 
-__all__ = ["run_config", "newest_checkpoint", "build_model", "load_model", "refuse_layout",
+__all__ = ["run_config", "newest_checkpoint", "build_model", "refuse_layout",
            "run_tokenizer", "domain_counts", "filler_ids", "discover", "apply_steering",
            "STEERABLE_ROUTERS"]
 
@@ -78,35 +79,6 @@ def build_model(cfg) -> list:
     if torch.cuda.is_available():
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
     return chunks
-
-
-def load_model(chunks: list, cfg, ckpt_dir: Path, rebuilt: tuple[str, ...] = ()) -> None:
-    """Load the model tensors of a checkpoint (any layout; no optimizer). Collective.
-
-    ``rebuilt``: buffer names (e.g. ``steering_bias``) that keep the value the model was
-    built with instead of the checkpoint's, whether the checkpoint has them or not (a
-    topk-trained checkpoint has no steering bias). Every other tensor must be there.
-    """
-    from megatron.core import dist_checkpointing
-
-    meta = ckpt.read_meta(ckpt_dir)
-    ckpt.check_compatible(meta, cfg, ckpt_dir)
-    keys = [("model" if len(chunks) == 1 else f"model{i}") for i in range(len(chunks))]
-    state = {k: c.sharded_state_dict(metadata=ckpt.SHARDING_METADATA)
-             for k, c in zip(keys, chunks)}
-    kept = {k: [name for name in state[k] if name.rsplit(".", 1)[-1] in rebuilt] for k in keys}
-    for k in keys:
-        for name in kept[k]:
-            del state[k][name]
-    ckpt.check_model_tensors(list(state.values()), ckpt_dir, meta, cfg)
-    _, load_strategy = ckpt._strategies(None)
-    with ckpt._no_sharded_tensor_deprecation():
-        loaded = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=load_strategy)
-    for k, chunk in zip(keys, chunks):
-        own = chunk.state_dict()
-        tensors = dict(loaded[k])
-        tensors.update({name: own[name] for name in kept[k]})
-        chunk.load_state_dict(tensors, strict=True)
 
 
 # ---------------------------------------------------------------------------- discovery
@@ -348,7 +320,7 @@ def apply_steering(run_dir: Path, steering: Path, out: Path) -> Path:
         one = single_process_config(to_dict(final), out)
         with single_process(one):
             chunks = build_model(one)
-            load_model(chunks, one, source, rebuilt=("steering_bias",))
+            load_model_tensors(chunks, one, source, rebuilt=("steering_bias",))
             meta = ckpt.read_meta(source)
             path = save_weights_only(chunks, one, ckpt.checkpoint_root(out), {
                 "steered_from": {"run": str(run_dir.resolve()), "checkpoint": str(source),
