@@ -10,6 +10,8 @@
     megasmoe launch [--dry-run] CONFIG ...            SLURM plan / pre-flight (docs/slurm.md)
     megasmoe plan CONFIG [key=value ...] [--gpus N] [--gpu-memory 80GB] [--layouts]
                                                       memory per GPU, fit, layouts (docs/planning.md)
+    megasmoe eval RUN [key=value ...] [--data N=F] [--mc N=F] [--batches N]
+                                                      perplexity, multiple-choice accuracy (docs/evaluation.md)
     megasmoe routers                                  list registered routers and fields
     megasmoe analyze RUN [RUN ...] --out DIR          plots + report comparing runs (docs/analysis.md)
     megasmoe config-reference                         print every config field, documented
@@ -181,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megasmoe.analysis import add_subcommand as add_analyze_subcommand
 
     add_analyze_subcommand(sub)
+    from megasmoe.evaluation import add_subcommand as add_eval_subcommand
+
+    add_eval_subcommand(sub)
     sub.add_parser("config-reference", help="list config fields").set_defaults(
         fn=_cmd_config_reference)
     return parser

@@ -140,16 +140,18 @@ def dataset_config(cfg: Config, tokenizer=None) -> GPTDatasetConfig:
     )
 
 
-def build_datasets(cfg: Config, tokenizer=None):
+def build_datasets(cfg: Config, tokenizer=None, whole_eval_splits: bool = False):
     """(train, valid, test) datasets sized for the whole run.
 
-    Rank 0 builds first (writing megatron's index cache); the others then read it.
+    ``whole_eval_splits``: valid and test hold one pass over their split instead of
+    train.eval_iters global batches (``megasmoe eval``). Rank 0 builds first (writing
+    megatron's index cache); the others then read it.
     """
     import torch.distributed as dist
 
     t = cfg.train
     # Every evaluation reads the same first eval_iters batches.
-    n_eval = t.eval_iters * t.global_batch_size
+    n_eval = None if whole_eval_splits else t.eval_iters * t.global_batch_size
     sizes = [t.steps * t.global_batch_size, n_eval, n_eval]
     dcfg = dataset_config(cfg, tokenizer)
     cls = MockGPTDataset if cfg.data.source == "mock" else GPTDataset
