@@ -104,9 +104,12 @@ def _run_logged(cmd: list, log: Path, env: dict) -> int:
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
+        t0 = time.monotonic()
         # Same process group as the arena: killing the arena's group ends the cell too.
-        return subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                              env=env).returncode
+        rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                            env=env).returncode
+        f.write(f"[arena: exit code {rc} after {time.monotonic() - t0:.1f} s]\n")
+        return rc
 
 
 def _env() -> dict:
