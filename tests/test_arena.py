@@ -128,3 +128,38 @@ def test_table_has_one_row_per_router(killed_then_rerun):
         assert cell["valid_ppl"] == pytest.approx(logged, rel=1e-4)
     for png in ("loss.png", "collapse.png"):
         assert (out / "analysis" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_slurm_array_tasks_run_each_cells_command(tmp_path):
+    """--slurm without a cluster: a stand-in sbatch records what the arena submits, then
+    slurm/router-sweep.sbatch runs array task 1 against a stand-in launch/pretrain.sh."""
+    bin_dir, root = tmp_path / "bin", tmp_path / "root"
+    (bin_dir).mkdir()
+    (root / "launch").mkdir(parents=True)
+    (bin_dir / "sbatch").write_text(
+        '#!/bin/bash\nprintf "%s\\n" "$@" > "$SBATCH_LOG"\necho "SWEEP_TASKS=$SWEEP_TASKS" '
+        '>> "$SBATCH_LOG"\necho "4242;cluster"\n')
+    (root / "launch" / "pretrain.sh").write_text('printf "%s\\n" "$@"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    out = tmp_path / "arena"
+    env = {**_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "SBATCH_LOG": str(tmp_path / "sbatch.log")}
+    proc = subprocess.run([str(BIN / "megasmoe"), "arena", *ARGS, "--out", str(out),
+                           "--slurm", "--parallel", "3", "--sbatch=--time=00:30:00"],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "xmoe-s1234: submitted as array task 4242_1" in proc.stdout
+    sbatch = (tmp_path / "sbatch.log").read_text().splitlines()
+    assert "--array=0-1%3" in sbatch and "--time=00:30:00" in sbatch
+    assert sbatch[-3].endswith("slurm/router-sweep.sbatch")
+    assert sbatch[-1] == f"SWEEP_TASKS={out / 'slurm-tasks.txt'}"
+    task = subprocess.run(["bash", str(REPO / "slurm" / "router-sweep.sbatch"),
+                           str(REPO / "configs" / "tiny-cpu.yaml"), "logging.progress=false"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**env, "MEGASMOE_ROOT": str(root), "SLURM_ARRAY_TASK_ID": "1",
+                               "SWEEP_TASKS": str(out / "slurm-tasks.txt")})
+    assert task.returncode == 0, task.stderr
+    argv = task.stdout.splitlines()[1:]
+    assert argv[0].endswith("configs/tiny-cpu.yaml") and argv[-1] == "logging.progress=false"
+    assert "moe.router.name=xmoe" in argv and f"run.dir={out}/runs/xmoe-s1234" in argv
+    assert "train.steps=4" in argv

@@ -38,7 +38,8 @@ def _add_options(p: argparse.ArgumentParser, default=None) -> None:
     p.add_argument("--parallel", type=int, default=d(4), metavar="N",
                    help="--slurm: at most N array tasks at once (default 4)")
     p.add_argument("--sbatch", default=d(""), metavar="'ARGS'",
-                   help="--slurm: extra sbatch options, one quoted string")
+                   help="--slurm: extra sbatch options as one string, "
+                        "--sbatch='--time=4:00:00 --ntasks-per-node=1'")
     p.add_argument("--collect", action="store_true", default=d(False),
                    help="train nothing: evaluate the trained cells and write the table "
                         "(after --slurm)")
