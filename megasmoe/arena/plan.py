@@ -184,6 +184,10 @@ def plan_cells(config: Optional[str], overrides: list, routers: list, seeds: int
                 cfg = validate(load_config(config, cell_overrides))
             except ConfigError as e:
                 raise ConfigError(f"router {router}: {e}") from None
+            if not (cfg.checkpoint.enabled and cfg.checkpoint.resume):
+                raise ArenaError("checkpoint.enabled and checkpoint.resume must stay true: "
+                                 "the arena evaluates and resumes each cell from its "
+                                 "checkpoints; drop those overrides")
             cells.append(Cell(router, seed, run_dir, cell_overrides, cfg.train.steps,
                               cfg.train.eval_iters))
     return cells

@@ -54,7 +54,12 @@ def trained_step(cell: Cell) -> int:
 
 
 def _checkpointed(cell: Cell) -> bool:
-    return (cell.run_dir / "checkpoints" / f"iter_{cell.steps:07d}").is_dir()
+    # ``latest`` moves last, atomically, once the checkpoint is complete (checkpoint.py).
+    try:
+        latest = (cell.run_dir / "checkpoints" / "latest").read_text().strip()
+    except OSError:
+        return False
+    return latest == f"iter_{cell.steps:07d}"
 
 
 def evaluated(cell: Cell) -> Optional[dict]:
