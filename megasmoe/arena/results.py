@@ -113,6 +113,16 @@ def _pct(value: Optional[float]) -> str:
     return "-" if value is None else f"{value * 100:+.0f}%"
 
 
+def _noise_note(rows: dict) -> list:
+    """domain_steer without a steering file computes what topk computes: its measured
+    overhead is this arena's timing noise."""
+    same = rows.get("domain_steer", {}).get("overhead_vs_topk")
+    if same is None:
+        return []
+    return [f"- `domain_steer` (no steering file) computes exactly what `topk` does; its "
+            f"overhead here, {_pct(same)}, is the timing noise of this arena."]
+
+
 def markdown(data: dict, command: str, setting: dict, images: list) -> str:
     """results.md: command, versions, machine, the table, matching notes, the plots."""
     env, rows = data["environment"], data["routers"]
@@ -152,9 +162,10 @@ def markdown(data: dict, command: str, setting: dict, images: list) -> str:
         lines.append(f"- `{router}`: {r['matching']}{extra}.")
     lines += ["", "## Caveats", "",
               "- tokens/s are measured while the cells run one after another on the same "
-              "machine: other load on it (and CPU frequency) changes them by tens of percent "
-              "between cells; read overheads below ~20% as noise unless they repeat over "
-              "seeds.",
+              "machine: other load on it (and CPU frequency) changes them by tens of percent or more "
+              "between cells; trust an overhead only when it repeats over seeds and is "
+              "well above the domain_steer row (below).",
+              *_noise_note(rows),
               "- Each router uses its own default fields (`megasmoe routers`) except for the "
               "matching overrides above."]
     if not any(r["test_ppl"]["mean"] is not None for r in rows.values()):
