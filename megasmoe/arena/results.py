@@ -162,8 +162,8 @@ def markdown(data: dict, command: str, setting: dict, images: list) -> str:
         lines.append(f"- `{router}`: {r['matching']}{extra}.")
     lines += ["", "## Caveats", "",
               "- tokens/s are measured while the cells run one after another on the same "
-              "machine: other load on it (and CPU frequency) changes them by tens of percent or more "
-              "between cells; trust an overhead only when it repeats over seeds and is "
+              "machine: other load on it (and CPU frequency) changes them by tens of "
+              "percent or more between cells; trust an overhead only when it repeats over seeds and is "
               "well above the domain_steer row (below).",
               *_noise_note(rows),
               "- Each router uses its own default fields (`megasmoe routers`) except for the "
