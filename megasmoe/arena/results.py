@@ -163,8 +163,8 @@ def markdown(data: dict, command: str, setting: dict, images: list) -> str:
     lines += ["", "## Caveats", "",
               "- tokens/s are measured while the cells run one after another on the same "
               "machine: other load on it (and CPU frequency) changes them by tens of "
-              "percent or more between cells; trust an overhead only when it repeats over seeds and is "
-              "well above the domain_steer row (below).",
+              "percent or more between cells; trust an overhead only when it repeats over "
+              "seeds and is well above the domain_steer row (below).",
               *_noise_note(rows),
               "- Each router uses its own default fields (`megasmoe routers`) except for the "
               "matching overrides above."]
