@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["ArenaError", "Cell", "Match", "MATCHING", "QUICK_STEPS", "quick_overrides",
+__all__ = ["ArenaError", "Cell", "Match", "MATCHING", "QUICK_STEPS", "MC_LIMIT",
+           "QUICK_MC_LIMIT", "quick_overrides",
            "parse_routers", "matching_for", "plan_cells", "settings_fingerprint"]
 
 
@@ -74,6 +75,10 @@ MATCHING: dict[str, Match] = {
 
 QUICK_STEPS = 30
 """Training steps per cell of ``--quick``."""
+MC_LIMIT = 100
+"""Multiple-choice questions per set scored for each cell (``megasmoe eval --limit``)."""
+QUICK_MC_LIMIT = 20
+"""The same for ``--quick`` (scoring 100 costs ~7 s of a quick cell's ~35 s)."""
 
 
 def quick_overrides(steps: int = QUICK_STEPS) -> list[str]:
@@ -104,6 +109,8 @@ class Cell:
     """Everything after the config on the pretrain command line."""
     steps: int
     eval_iters: int
+    mc_limit: int = MC_LIMIT
+    """``megasmoe eval --limit``: multiple-choice questions scored per set."""
 
     @property
     def name(self) -> str:
@@ -189,7 +196,7 @@ def plan_cells(config: Optional[str], overrides: list, routers: list, seeds: int
                                  "the arena evaluates and resumes each cell from its "
                                  "checkpoints; drop those overrides")
             cells.append(Cell(router, seed, run_dir, cell_overrides, cfg.train.steps,
-                              cfg.train.eval_iters))
+                              cfg.train.eval_iters, QUICK_MC_LIMIT if quick else MC_LIMIT))
     return cells
 
 

@@ -27,8 +27,6 @@ __all__ = ["REPO", "EVAL_NAME", "trained_step", "evaluated", "cell_state", "reco
 REPO = Path(__file__).resolve().parents[2]
 EVAL_NAME = "arena"
 """``megasmoe eval --name``: each cell's report is ``<run>/eval/arena.json``."""
-MC_LIMIT = 100
-"""Multiple-choice questions per set scored for each cell (``megasmoe eval --limit``)."""
 
 
 def fmt_duration(seconds: float) -> str:
@@ -135,7 +133,7 @@ def eval_command(cell: Cell) -> list:
     """``megasmoe eval RUN --name arena --batches <eval_iters>``: the valid numbers equal
     the run's final validation; test and the embedded sets on the same number of batches."""
     return [sys.executable, "-m", "megasmoe.cli", "eval", str(cell.run_dir),
-            "--name", EVAL_NAME, "--batches", str(cell.eval_iters), "--limit", str(MC_LIMIT)]
+            "--name", EVAL_NAME, "--batches", str(cell.eval_iters), "--limit", str(cell.mc_limit)]
 
 
 def _fail(cell: Cell, what: str, log: Path) -> ArenaError:
