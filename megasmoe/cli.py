@@ -14,6 +14,8 @@
                                                       perplexity, multiple-choice accuracy (docs/evaluation.md)
     megasmoe steer discover|apply RUN ...             DSMoE expert discovery and steering (docs/steering.md)
     megasmoe routers                                  list registered routers and fields
+    megasmoe arena CONFIG [key=value ...] [--routers all] [--seeds 3] [--quick]
+                                                      every router, equal compute, one table (docs/arena.md)
     megasmoe analyze RUN [RUN ...] --out DIR          plots + report comparing runs (docs/analysis.md)
     megasmoe config-reference                         print every config field, documented
 
@@ -190,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megasmoe.evaluation.steer_cli import add_subcommand as add_steer_subcommand
 
     add_steer_subcommand(sub)
+    from megasmoe.arena import add_subcommand as add_arena_subcommand
+
+    add_arena_subcommand(sub)
     sub.add_parser("config-reference", help="list config fields").set_defaults(
         fn=_cmd_config_reference)
     return parser
