@@ -159,21 +159,26 @@ class Probe:
         self.cfg, self.model, self.routers, self.device = cfg, model, routers, device
         self.layers = [m for c in chunks for m in c.modules()
                        if isinstance(m, MegasmoeMoELayer)]
-        self.num_seqs = math.ceil(cfg.logging.collapse_probe_tokens / cfg.train.seq_length)
+        # megatron's interleaved pipeline schedule needs at least PP micro batches: the
+        # probe is cut into PP of them there (whole sequences each), else it is one.
+        self.micro = cfg.parallel.pp if len(model) > 1 else 1
+        seqs = math.ceil(cfg.logging.collapse_probe_tokens / cfg.train.seq_length)
+        self.num_seqs = -(-seqs // self.micro) * self.micro
         self.valid_ds = valid_ds
-        self._captured: dict[int, torch.Tensor] = {}
+        self._captured: dict[int, list[torch.Tensor]] = {}
 
     @property
     def enabled(self) -> bool:
         """Whether this run measures anything (probe tokens > 0 and a valid split)."""
-        return self.num_seqs > 0 and self.valid_ds is not None and len(self.valid_ds) > 0
+        return (self.num_seqs > 0 and self.valid_ds is not None
+                and len(self.valid_ds) >= self.micro)
 
     # -------------------------------------------------------------- forward on the probe
 
     def _batch(self) -> dict:
         from megasmoe.training.data import batch_iterator
 
-        n = min(self.num_seqs, len(self.valid_ds))
+        n = min(self.num_seqs, len(self.valid_ds) // self.micro * self.micro)
         batch = next(iter(batch_iterator(self.valid_ds, 0, n, 0, 1, 0)))
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -190,17 +195,21 @@ class Probe:
             out = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
             return out, loss_func
 
-        iterators = [iter([batch]) for _ in self.model]
+        parts = [dict(zip(batch, values))
+                 for values in zip(*(v.chunk(self.micro) for v in batch.values()))]
+        iterators = [iter(parts) for _ in self.model]
         get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=1, seq_length=batch["tokens"].shape[1],
-            micro_batch_size=batch["tokens"].shape[0], forward_only=True)
+            num_microbatches=self.micro, seq_length=batch["tokens"].shape[1],
+            micro_batch_size=batch["tokens"].shape[0] // self.micro, forward_only=True)
 
     def _capture(self, batch: dict) -> None:
         def hook(layer, args):
-            self._captured[layer.router.layer_number] = args[0].detach()
+            x = args[0].detach()
+            self._captured.setdefault(layer.router.layer_number, []).append(
+                x.reshape(-1, x.shape[-1]))
 
         handles = [layer.register_forward_pre_hook(hook) for layer in self.layers]
         try:
@@ -215,8 +224,8 @@ class Probe:
         """(cka, cosine, router_cosine) of one local MoE layer, the same on every rank."""
         from megatron.core import parallel_state
 
-        x = self._captured.pop(layer.router.layer_number)
-        x = x.reshape(-1, x.shape[-1])
+        # Tokens of all probe micro batches (CKA and mean cosine do not depend on order).
+        x = torch.cat(self._captured.pop(layer.router.layer_number))
         feats = layer.expert_features(x)  # [this rank's tokens, E, H]
         if layer.config.sequence_parallel or self.cfg.parallel.cp > 1:
             feats = _gather_tokens(
