@@ -106,3 +106,15 @@ def fresh_install(tmp_path_factory):
     from fresh_install import fresh_install as run
 
     return run(tmp_path_factory.mktemp("fresh"))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A running single-node SLURM cluster (started here if it is not up); its node name."""
+    proc = subprocess.run(["bash", str(REPO / "tests/slurm/start_cluster.sh")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"start_cluster.sh failed:\n{proc.stdout}\n{proc.stderr}"
+    info = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t %c"], capture_output=True,
+                          text=True, check=True).stdout.split()
+    assert int(info[2]) >= 2, f"the test node needs 2 CPUs, sinfo says {info}"
+    return info[0]

@@ -27,18 +27,6 @@ JOBCOMP = Path("/var/log/slurm/jobcomp.log")
 TINY = "configs/tiny-cpu.yaml"
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A running single-node SLURM cluster (started here if it is not up)."""
-    proc = subprocess.run(["bash", str(REPO / "tests/slurm/start_cluster.sh")],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"start_cluster.sh failed:\n{proc.stdout}\n{proc.stderr}"
-    info = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t %c"], capture_output=True,
-                          text=True, check=True).stdout.split()
-    assert int(info[2]) >= 2, f"the test node needs 2 CPUs, sinfo says {info}"
-    return info[0]
-
-
 def _clean_env() -> dict:
     """This environment without SLURM_* (pytest itself may run inside an allocation)."""
     return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}

@@ -14,10 +14,10 @@ import subprocess
 import pytest
 
 from conftest import REPO, TRAINED_TINY_STEPS, read_metrics
-from test_slurm import _clean_env, cluster, wait_job  # noqa: F401  (cluster is a fixture)
+from test_slurm import _clean_env, wait_job
 
 
-def test_sbatch_eval_evaluates_at_the_runs_layout(cluster, trained_tiny_run, tmp_path):  # noqa: F811
+def test_sbatch_eval_evaluates_at_the_runs_layout(cluster, trained_tiny_run, tmp_path):
     run = trained_tiny_run
     cmd = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2",
            f"--output={tmp_path}/eval-%j.out", "launch/eval.sh", str(run),
