@@ -60,17 +60,9 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def _options(args) -> argparse.Namespace:
-    later = argparse.ArgumentParser(prog="megasmoe arena", add_help=False, exit_on_error=False)
-    _add_options(later, default=argparse.SUPPRESS)
-    later.add_argument("overrides", nargs="*")
-    try:
-        rest = later.parse_intermixed_args(args.rest)
-    except argparse.ArgumentError as e:
-        raise ArenaError(str(e)) from None
-    for key, value in vars(rest).items():
-        setattr(args, key, value)
-    args.overrides = getattr(rest, "overrides", [])
-    return args
+    from megasmoe.cliargs import parse_rest
+
+    return parse_rest(args, "megasmoe arena", _add_options, ArenaError)
 
 
 def _default_out(config: str, quick: bool) -> Path:

@@ -89,20 +89,11 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
 
 def _options(args) -> argparse.Namespace:
     """The options given before the target merged with those among the overrides."""
+    from megasmoe.cliargs import parse_rest
     from megasmoe.config import ConfigError
 
-    later = argparse.ArgumentParser(prog="megasmoe eval", add_help=False, exit_on_error=False)
-    _add_options(later, default=argparse.SUPPRESS)
-    later.add_argument("overrides", nargs="*")
-    try:
-        rest = later.parse_intermixed_args(args.rest)
-    except argparse.ArgumentError as e:
-        raise ConfigError(f"megasmoe eval: {e}") from None
-    for key, value in vars(rest).items():
-        if key in ("data", "mc"):
-            value = getattr(args, key) + value
-        setattr(args, key, value)
-    args.overrides = getattr(rest, "overrides", [])
+    parse_rest(args, "megasmoe eval", _add_options,
+               lambda msg: ConfigError(f"megasmoe eval: {msg}"), appended=("data", "mc"))
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise ConfigError(f"megasmoe eval: '{bad[0]}' is not a key=value override (one "

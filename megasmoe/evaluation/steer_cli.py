@@ -155,19 +155,11 @@ def _discover_options(p: argparse.ArgumentParser, default=None) -> None:
 
 def _later_options(args) -> None:
     """Merge the options given among the overrides (after RUN) into ``args``."""
+    from megasmoe.cliargs import parse_rest
     from megasmoe.config import ConfigError
 
-    later = argparse.ArgumentParser(prog="megasmoe steer discover", add_help=False,
-                                    exit_on_error=False)
-    _discover_options(later, default=argparse.SUPPRESS)
-    later.add_argument("overrides", nargs="*")
-    try:
-        rest = later.parse_intermixed_args(args.rest)
-    except argparse.ArgumentError as e:
-        raise ConfigError(f"megasmoe steer discover: {e}") from None
-    for key, value in vars(rest).items():
-        setattr(args, key, args.domain + value if key == "domain" else value)
-    args.overrides = getattr(rest, "overrides", [])
+    parse_rest(args, "megasmoe steer discover", _discover_options,
+               lambda msg: ConfigError(f"megasmoe steer discover: {msg}"), appended=("domain",))
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         raise ConfigError(f"megasmoe steer discover: '{bad[0]}' is not a key=value override")
