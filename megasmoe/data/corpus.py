@@ -17,7 +17,7 @@ from pathlib import Path
 from megasmoe.data.errors import DataError
 
 __all__ = ["SPLITS", "PROVENANCE", "corpus_files", "corpus_records", "corpus_documents",
-           "split_of"]
+           "split_of", "read_embedded_jsonl"]
 
 SPLITS = ("train", "valid", "test")
 
@@ -48,13 +48,18 @@ def split_of(doc_id: str) -> str:
     return "train"
 
 
+def read_embedded_jsonl(path: Path, what: str) -> tuple[dict, ...]:
+    """The records of an embedded ``.jsonl.gz`` file shipped with megasmoe; DataError
+    naming ``what`` when the file is missing (an incomplete install)."""
+    if not path.is_file():
+        raise DataError(f"{path}: {what} missing; reinstall megasmoe from a full checkout")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return tuple(json.loads(line) for line in f)
+
+
 @lru_cache(maxsize=1)
 def _records() -> tuple[dict, ...]:
-    if not _FILE.is_file():
-        raise DataError(f"{_FILE}: embedded corpus missing; reinstall megasmoe from a full "
-                        "checkout")
-    with gzip.open(_FILE, "rt", encoding="utf-8") as f:
-        return tuple(json.loads(line) for line in f)
+    return read_embedded_jsonl(_FILE, "embedded corpus")
 
 
 def corpus_records(split: str | None = None) -> list[dict]:

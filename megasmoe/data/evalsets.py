@@ -15,12 +15,10 @@ Everything is built by ``python -m megasmoe.data.build_evalsets`` (see
 
 from __future__ import annotations
 
-import gzip
-import json
 from functools import lru_cache
 from pathlib import Path
 
-from megasmoe.data.corpus import corpus_documents
+from megasmoe.data.corpus import corpus_documents, read_embedded_jsonl
 from megasmoe.data.errors import DataError
 
 __all__ = ["DOMAINS", "MC_SETS", "MC_VERSION", "EVALSETS_DIR", "domain_documents",
@@ -42,11 +40,7 @@ def _check_name(kind: str, name: str, known: tuple[str, ...]) -> None:
 
 @lru_cache(maxsize=1)
 def _python_records() -> tuple[dict, ...]:
-    if not _STDLIB_FILE.is_file():
-        raise DataError(f"{_STDLIB_FILE}: embedded evaluation data missing; reinstall "
-                        "megasmoe from a full checkout")
-    with gzip.open(_STDLIB_FILE, "rt", encoding="utf-8") as f:
-        return tuple(json.loads(line) for line in f)
+    return read_embedded_jsonl(_STDLIB_FILE, "embedded evaluation data")
 
 
 def python_records() -> list[dict]:
