@@ -180,8 +180,10 @@ def plan_cells(config: Optional[str], overrides: list, routers: list, seeds: int
     preset = quick_overrides() if quick else []
     base = load_config(config, preset + shared)
     cells = []
-    for router in routers:
-        for i in range(seeds):
+    # Seed-major order: every router runs once before any runs twice, so a slow spell on
+    # a shared machine falls on all routers alike and the speed columns stay comparable.
+    for i in range(seeds):
+        for router in routers:
             seed = base.run.seed + i
             run_dir = out / "runs" / f"{router}-s{seed}"
             cell_overrides = [*preset, *matching_for(router).overrides, *shared, *own[router],
