@@ -51,19 +51,44 @@ def _grid(fig, n: int, ncols_max: int = 4):
     return axes[:n]
 
 
+def _colour(i: int, n: int):
+    """Run ``i``'s colour among ``n``: matplotlib's 10 defaults, tab20 up to 20 runs, then
+    evenly spaced hues (colours never repeat within one figure)."""
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return f"C{i}"
+    if n <= 20:
+        return colormaps["tab20"](i)
+    return colormaps["hsv"](i / n)
+
+
+def _legend(fig, axes) -> None:
+    """One legend for the figure, right of the panels, one entry per label (deduplicated
+    across panels): per-panel legends of a dozen runs cover the curves."""
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside right upper",
+                   fontsize=8, ncols=1 if len(handles) <= 24 else 2)
+
+
 def curves(runs: list[Run]):
     """Loss and valid perplexity of every run (two panels, one colour per run)."""
-    fig = _figure(12, 4.2)
+    fig = _figure(12 + (1.5 if len(runs) <= 24 else 3), 4.2)
     ax_loss, ax_ppl = fig.subplots(1, 2)
     for i, run in enumerate(runs):
-        colour = f"C{i % 10}"
+        colour = _colour(i, len(runs))
+        # One legend entry per run (its colour); the line style says train or valid.
         steps, values = series(run, "train/loss")
         if steps:
-            ax_loss.plot(steps, values, color=colour, lw=1.2, label=f"{run.label} train")
+            ax_loss.plot(steps, values, color=colour, lw=1.2, label=run.label)
         steps, values = series(run, "valid/loss")
         if steps:
             ax_loss.plot(steps, values, color=colour, lw=1.6, ls="--", marker="o", ms=4,
-                         label=f"{run.label} valid")
+                         label=run.label)
         steps, values = series(run, "valid/ppl")
         if steps:
             ax_ppl.plot(steps, values, color=colour, lw=1.6, marker="o", ms=4, label=run.label)
@@ -72,8 +97,7 @@ def curves(runs: list[Run]):
     ax_ppl.set(title="Valid perplexity", xlabel="step", ylabel="perplexity", yscale="log")
     for ax in (ax_loss, ax_ppl):
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+    _legend(fig, (ax_loss, ax_ppl))
     return fig
 
 
@@ -90,7 +114,7 @@ def collapse_curves(runs: list[Run]):
     Router entropy falls back to the training-time ``router/entropy`` scalars for runs
     without collapse telemetry.
     """
-    fig = _figure(15, 4.2)
+    fig = _figure(15 + (1.5 if len(runs) <= 24 else 3), 4.2)
     axes = fig.subplots(1, len(_COLLAPSE_PANELS))
     for ax, (name, fallback, title) in zip(axes, _COLLAPSE_PANELS):
         for i, run in enumerate(runs):
@@ -100,18 +124,18 @@ def collapse_curves(runs: list[Run]):
                 steps, values = layer_series(run, fallback)
                 label += " (train)"
             if steps:
-                ax.plot(steps, values, color=f"C{i % 10}", marker="o", ms=4, label=label)
+                ax.plot(steps, values, color=_colour(i, len(runs)), marker="o", ms=4,
+                        label=label)
         if name.endswith("effective_experts"):
             for i, run in enumerate(runs):
                 if run.num_experts:
-                    ax.axhline(run.num_experts, color=f"C{i % 10}", lw=0.8, ls=":")
+                    ax.axhline(run.num_experts, color=_colour(i, len(runs)), lw=0.8, ls=":")
         ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        else:
+        if not ax.get_legend_handles_labels()[0]:
             ax.text(0.5, 0.5, "no collapse telemetry", ha="center", va="center",
                     transform=ax.transAxes)
+    _legend(fig, axes)
     return fig
 
 
