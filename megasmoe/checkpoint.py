@@ -54,6 +54,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megasmoe.checkpoint_queue import STOP_SIGNALS, start_results_queue
+
 __all__ = [
     "CheckpointError",
     "SHARDING_METADATA",
@@ -84,8 +86,6 @@ LATEST = "latest"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 _TMP_RE = re.compile(r"^iter_\d{7}\.tmp$")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-"""The signals that make the trainer checkpoint and exit (what SLURM sends a job step)."""
 
 # Temporary directories of asynchronous saves still being written by this process:
 # remove_leftovers must not delete them.
@@ -522,47 +522,10 @@ def _helpers_ignore_stop_signals():
         # SIGTERM in the caller: start it now (it keeps SIGUSR1 blocked), then block again.
         resource_tracker.ensure_running()
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        _start_results_queue()
+        start_results_queue()
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _start_results_queue() -> None:
-    """Start the results queue of megatron's torch_dist writer ourselves, once per process.
-
-    megatron-core 0.16.1 creates it lazily (``filesystem_async._get_write_results_queue``:
-    ``get_context("spawn").Manager().Queue()``, kept in a module global). Its Manager
-    process outlives a worker that is killed (SIGKILL, or dying with its launcher), and,
-    started with the stop signals blocked, could then only be SIGKILLed. This one is the
-    same kind of queue from a Manager that ignores the stop signals and is killed when
-    its worker dies (``_results_queue_server_init``). Another megatron version (no such
-    global) is left to itself.
-    """
-    import multiprocessing
-    from multiprocessing.managers import SyncManager
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if getattr(filesystem_async, "_results_queue", False) is not None:
-        return
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=_results_queue_server_init, initargs=(os.getpid(),))
-    filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
-
-
-def _results_queue_server_init(worker_pid: int) -> None:
-    """In the results queue's Manager process: ignore the stop signals, die with the worker."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-    if os.getppid() != worker_pid:  # the worker died before prctl took effect
-        os._exit(1)
 
 
 def _abandon(tmp: Path) -> None:
