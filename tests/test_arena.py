@@ -163,3 +163,16 @@ def test_slurm_array_tasks_run_each_cells_command(tmp_path):
     assert argv[0].endswith("configs/tiny-cpu.yaml") and argv[-1] == "logging.progress=false"
     assert "moe.router.name=xmoe" in argv and f"run.dir={out}/runs/xmoe-s1234" in argv
     assert "train.steps=4" in argv
+
+
+def test_router_sweep_lists_every_registered_router():
+    """slurm/router-sweep.sbatch's ROUTERS and its --array cover the whole registry."""
+    from megasmoe.routers import registered_routers
+
+    script = (REPO / "slurm" / "router-sweep.sbatch").read_text()
+    listed = subprocess.run(
+        ["bash", "-c", 'eval "$(sed -n "/^ROUTERS=(/,/^)/p" slurm/router-sweep.sbatch)"; '
+                       'for r in "${ROUTERS[@]}"; do echo "${r%% *}"; done'],
+        cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(listed) == sorted(registered_routers())
+    assert f"#SBATCH --array=0-{len(listed) - 1}%" in script
