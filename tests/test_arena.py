@@ -176,3 +176,15 @@ def test_router_sweep_lists_every_registered_router():
         cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     assert sorted(listed) == sorted(registered_routers())
     assert f"#SBATCH --array=0-{len(listed) - 1}%" in script
+
+
+@pytest.mark.parametrize("extra,seeds", [(["--quick"], 1), (["--quick", "--seeds", "2"], 2),
+                                         ([], 3)])
+def test_quick_means_one_seed_unless_told(tmp_path, extra, seeds):
+    """The plan line comes first; --collect then refuses (nothing trained), training nothing."""
+    proc = subprocess.run([str(BIN / "megasmoe"), "arena", "configs/tiny-cpu.yaml", "--routers",
+                           "topk", *extra, "--collect", "--out", str(tmp_path / "a")],
+                          cwd=REPO, capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout.startswith(f"arena: 1 routers x {seeds} seeds = {seeds} cells"), proc.stdout
+    assert "--collect:" in proc.stderr and not (tmp_path / "a" / "runs").exists()

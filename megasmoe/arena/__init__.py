@@ -26,10 +26,12 @@ def _add_options(p: argparse.ArgumentParser, default=None) -> None:
     d = (lambda v: v) if default is None else (lambda v: default)
     p.add_argument("--routers", default=d("all"),
                    help="'all' (every registered router, `megasmoe routers`) or a comma list")
-    p.add_argument("--seeds", type=int, default=d(3),
-                   help="seeds per router: run.seed, run.seed + 1, ... (default 3)")
+    p.add_argument("--seeds", type=int, default=d(None),
+                   help="seeds per router: run.seed, run.seed + 1, ... (default 3; 1 with "
+                        "--quick)")
     p.add_argument("--quick", action="store_true", default=d(False),
-                   help="preset: 30 steps per cell, one final evaluation (docs/arena.md)")
+                   help="preset: 30 steps per cell, one final evaluation, 1 seed unless "
+                        "--seeds (docs/arena.md)")
     p.add_argument("--out", default=d(None), metavar="DIR",
                    help="arena directory (default runs/arena-<config name>[-quick])")
     p.add_argument("--slurm", action="store_true", default=d(False),
@@ -100,6 +102,8 @@ def _arena(args) -> int:
     from megasmoe.arena.runner import record_plan, run_cells, submit_slurm
     from megasmoe.config import caller_dir
 
+    if args.seeds is None:  # --quick is a first look: one seed, under 10 min on 2 cores
+        args.seeds = 1 if args.quick else 3
     if args.seeds < 1:
         raise ArenaError(f"--seeds {args.seeds}: give at least 1 seed")
     if args.parallel < 1:
