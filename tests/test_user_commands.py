@@ -158,3 +158,20 @@ def test_public_verify_stays_the_function_once_its_module_is_loaded():
     from megasmoe.convert import verify
 
     assert callable(verify) and not isinstance(verify, types.ModuleType)
+
+
+def test_two_runs_alone_on_one_machine_do_not_collide(tmp_path):
+    """`megasmoe pretrain` without a launcher used the fixed port 29500 for its process
+    group: a second such run on the same machine failed with "address already in use"."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    procs = [subprocess.Popen([str(BIN / "megasmoe"), "pretrain", "configs/tiny-cpu.yaml",
+                               *SMALL_WORLD, *FAST, "train.steps=3", "checkpoint.enabled=false",
+                               f"run.dir={tmp_path / name}"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name in ("a", "b")]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert all((tmp_path / name / "metrics.jsonl").is_file() for name in ("a", "b"))

@@ -252,14 +252,6 @@ def prepare(args, launched: Optional[int] = None) -> EvalPlan:
     return plan
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(plan: EvalPlan) -> dict:
     """Evaluate the plan in this process's group (collective); the report (every rank)."""
     from megasmoe.evaluation import mc
@@ -268,8 +260,6 @@ def run(plan: EvalPlan) -> dict:
     from megasmoe.training.distributed import destroy_distributed, init_distributed
 
     cfg, gbs = plan.cfg, plan.cfg.train.global_batch_size
-    if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())  # alone: 29500 may be another job's
     init_distributed(cfg)
     try:
         ev = Evaluator(cfg)

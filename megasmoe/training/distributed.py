@@ -31,6 +31,14 @@ def is_main() -> bool:
 _watchdog: list = []
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(cfg: Config, timeout_s: float = None) -> None:
     """Start torch.distributed (env:// from torchrun/srun) and megatron's parallel groups.
 
@@ -44,8 +52,11 @@ def init_distributed(cfg: Config, timeout_s: float = None) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+            # Alone (no torchrun/srun): a free port, so that two such processes on one
+            # machine (two `megasmoe pretrain` or `eval` runs) do not collide on 29500.
+            os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         dist.init_process_group(
