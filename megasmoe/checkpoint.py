@@ -354,6 +354,29 @@ def _prepare_optimizer_for_loading(optimizer) -> list:
     return added
 
 
+def _lr_bounds(optimizer) -> list:
+    """Each param group's ``max_lr`` / ``min_lr`` (megatron's per-group schedule bounds)."""
+    return [(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups]
+
+
+def _restore_lr_bounds(optimizer, bounds: list) -> None:
+    """Put back the config's schedule bounds after an optimizer state was loaded.
+
+    torch's ``load_state_dict`` restores every param-group key from the checkpoint, and
+    megatron's scheduler reads ``max_lr`` / ``min_lr`` from the groups, so a resume with a
+    changed ``train.lr`` or ``train.min_lr`` kept the old values for the rest of the run.
+    The config wins, as for the other schedule fields (the scheduler overrides them).
+    """
+    groups = optimizer.param_groups
+    if len(groups) != len(bounds):
+        return  # another model structure: the model load has refused it already
+    for group, (max_lr, min_lr) in zip(groups, bounds):
+        if max_lr is not None:
+            group["max_lr"] = max_lr
+        if min_lr is not None:
+            group["min_lr"] = min_lr
+
+
 def _unshare_adam_steps(optimizer) -> None:
     """Give every parameter its own Adam ``step`` tensor.
 
@@ -748,9 +771,11 @@ def load_checkpoint(trainer, ckpt_dir: Path) -> Resumed:
         loaded = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=load_strategy)
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)
+    configured = _lr_bounds(trainer.optimizer)
     with _distributed_optimizer_step_fix():
         trainer.optimizer.load_state_dict(loaded["optimizer"])
     _unshare_adam_steps(trainer.optimizer)
+    _restore_lr_bounds(trainer.optimizer, configured)
     trainer.scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng"])

@@ -56,3 +56,20 @@ def test_mid_interval_resume_logs_the_same_loss(tmp_path, uninterrupted):
     for step in (4, 8, 10):
         assert got[step]["train/loss"] == uninterrupted[step]["train/loss"], step
         assert got[step]["train/lr"] == uninterrupted[step]["train/lr"], step
+
+
+def test_changed_lr_and_min_lr_apply_after_resume(tmp_path):
+    """A 6-step run resumed to 10 steps with a new train.lr and train.min_lr follows the new
+    schedule, as a 10-step run with those values does from the start. The optimizer's
+    state used to bring the old values back with its param groups (megatron's scheduler
+    reads max_lr / min_lr there), and the new lr was ignored for the rest of the run."""
+    new = ["train.lr=3e-3", "train.min_lr=3e-4"]
+    reference = tmp_path / "new_lr"
+    _train(reference, "train.steps=10", *new)
+    run_dir = tmp_path / "changed"
+    _train(run_dir, "train.steps=6")
+    log = _train(run_dir, "train.steps=10", *new)
+    assert "train.lr 0.001 -> 0.003" in log, log
+    got, want = _records(run_dir), _records(reference)
+    for step in (8, 10):
+        assert math.isclose(got[step]["train/lr"], want[step]["train/lr"], rel_tol=1e-9), step
