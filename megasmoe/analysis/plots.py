@@ -63,6 +63,15 @@ def _colour(i: int, n: int):
     return colormaps["hsv"](i / n)
 
 
+_LEGEND_ROWS = 24  # entries per legend column
+
+
+def _legend_width_in(runs: int) -> float:
+    """Inches the figure legend takes right of the panels: one column, or two past
+    ``_LEGEND_ROWS`` runs."""
+    return 1.5 if runs <= _LEGEND_ROWS else 3.0
+
+
 def _legend(fig, axes) -> None:
     """One legend for the figure, right of the panels, one entry per label (deduplicated
     across panels): per-panel legends of a dozen runs cover the curves."""
@@ -72,12 +81,12 @@ def _legend(fig, axes) -> None:
             handles.setdefault(label, handle)
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="outside right upper",
-                   fontsize=8, ncols=1 if len(handles) <= 24 else 2)
+                   fontsize=8, ncols=1 if len(handles) <= _LEGEND_ROWS else 2)
 
 
 def curves(runs: list[Run]):
     """Loss and valid perplexity of every run (two panels, one colour per run)."""
-    fig = _figure(12 + (1.5 if len(runs) <= 24 else 3), 4.2)
+    fig = _figure(12 + _legend_width_in(len(runs)), 4.2)
     ax_loss, ax_ppl = fig.subplots(1, 2)
     for i, run in enumerate(runs):
         colour = _colour(i, len(runs))
@@ -114,7 +123,7 @@ def collapse_curves(runs: list[Run]):
     Router entropy falls back to the training-time ``router/entropy`` scalars for runs
     without collapse telemetry.
     """
-    fig = _figure(15 + (1.5 if len(runs) <= 24 else 3), 4.2)
+    fig = _figure(15 + _legend_width_in(len(runs)), 4.2)
     axes = fig.subplots(1, len(_COLLAPSE_PANELS))
     for ax, (name, fallback, title) in zip(axes, _COLLAPSE_PANELS):
         for i, run in enumerate(runs):
