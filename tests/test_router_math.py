@@ -94,6 +94,36 @@ def test_softmax_over_topk_any_k(k):
     torch.testing.assert_close(probs, ref_probs, rtol=0, atol=TOL)
 
 
+@pytest.mark.parametrize("k", [1, 2, E])
+@pytest.mark.parametrize("pre_softmax", [False, True])
+@pytest.mark.parametrize("scaling", [None, 2.5])
+def test_topk_softmax_routing(k, pre_softmax, scaling):
+    """megatron's softmax top-k (the lean routing): Mixtral's softmax over the k selected
+    logits, or with pre_softmax the top-k of the softmax over all experts; both times the
+    scaling factor; scores = the softmax over all experts."""
+    logits = _randn(T, E, seed=3) * 2
+    probs, chosen, scores = RF.topk_softmax_routing(logits, k, pre_softmax, scaling)
+    rows = logits.tolist()
+    ref_scores = torch.tensor([_softmax(row) for row in rows], dtype=torch.float64)
+    ref_probs, ref_map = _ref_smoe(logits, k)
+    if pre_softmax:
+        ref_probs = ref_scores * ref_map
+    ref_probs = ref_probs * (scaling or 1.0)
+    assert torch.equal(chosen, ref_map) and chosen.dtype == torch.bool
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=TOL)
+    torch.testing.assert_close(probs, ref_probs, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("shape", [(T, E), (512, 8), (3, 64)])
+def test_softmax_experts_is_the_softmax_over_the_last_dim(shape):
+    x = torch.randn(*shape, generator=_gen(4)) * 4
+    ref = torch.tensor([_softmax(row) for row in x.double().tolist()], dtype=torch.float64)
+    got = RF.softmax_experts(x)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(RF.softmax_experts(x.double()), ref, rtol=0, atol=TOL)
+
+
 def _ref_balance(scores: torch.Tensor, chosen: torch.Tensor, k: int) -> float:
     """L_bal = E sum_e f_e P_e, f_e = count_e / (T k), P_e = sum_t scores_te / (T k)."""
     n_tok, n_exp = scores.shape

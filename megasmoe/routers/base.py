@@ -139,17 +139,59 @@ class MegasmoeRouter(TopKRouter):
         """Route ``input`` [S, B, H]; returns (probs [S*B, E], routing_map [S*B, E]).
 
         Same steps as TopKRouter.forward (expert-bias upkeep, jitter, gating, forced
-        balancing, routing) plus telemetry.
+        balancing, routing) plus telemetry; megatron's softmax top-k routing goes through
+        ``lean_routing`` where that applies.
         """
         self._maintain_float32_expert_bias()
         input = self.apply_input_jitter(input)
         logits = self.gating(input)
         if self.config.moe_router_force_load_balancing:
             logits = apply_random_logits(logits)
-        self.record_entropy(logits, padding_mask)
-        probs, routing_map = self.routing(logits, padding_mask=padding_mask)
+        if self.lean_routing_applies(logits, padding_mask):
+            probs, routing_map, scores = self.lean_routing(logits)
+            self.record_entropy(logits, padding_mask, scores=scores)
+        else:
+            self.record_entropy(logits, padding_mask)
+            probs, routing_map = self.routing(logits, padding_mask=padding_mask)
         self.record_load(routing_map, padding_mask)
         return probs, routing_map
+
+    # ---------------------------------------------------------------- lean routing
+
+    def lean_routing_applies(self, logits: torch.Tensor,
+                             padding_mask: Optional[torch.Tensor]) -> bool:
+        """Whether ``lean_routing`` computes what megatron's ``TopKRouter.routing`` would:
+        its routing unchanged by the class, fp32 softmax scores, no padding, groups,
+        expert bias, capacity, fusion or replay, and no balance loss but ``aux_loss``."""
+        c = self.config
+        return (type(self).routing is TopKRouter.routing
+                and logits.dtype == torch.float32 and padding_mask is None
+                and self.score_function == "softmax"
+                and not c.moe_router_num_groups and not c.moe_router_group_topk
+                and self.expert_bias is None and c.moe_expert_capacity_factor is None
+                and not c.moe_router_fusion and self.router_replay is None
+                and self.get_aux_loss_coeff("seq_aux_loss") == 0
+                and self.get_aux_loss_coeff("global_aux_loss") == 0)
+
+    def lean_routing(self, logits: torch.Tensor):
+        """megatron's softmax top-k routing with one softmax over the experts instead of
+        two: (probs [T, E], routing_map [T, E], scores [T, E] fp32).
+
+        megatron-core 0.16.1 takes the softmax twice per call (the top-k probabilities,
+        then the aux loss's scores) and a second top-k for the aux loss's map; on CPU at
+        8 experts that was ~40 % of the router's time. Here the aux loss counts the
+        routing map itself (megatron recomputes the same top-k; they differ only where
+        two softmax scores round equal) and balances the same scores; z-loss, the loss's
+        attachment and its logging are megatron's (tests/test_routers.py compares).
+        """
+        logits = logits.reshape(-1, self.config.num_moe_experts)
+        logits = self.apply_z_loss(logits)
+        probs, routing_map, scores = RF.topk_softmax_routing(
+            logits, self.topk, self.config.moe_router_pre_softmax,
+            self.config.moe_router_topk_scaling_factor)
+        if self.training and torch.is_grad_enabled():
+            probs = self._apply_aux_loss(probs, scores, routing_map)
+        return probs, routing_map, scores
 
     # ---------------------------------------------------------------- aux-loss scaling
 
@@ -224,11 +266,16 @@ class MegasmoeRouter(TopKRouter):
         buf += routing_map.sum(dim=0).to(buf)
 
     @torch.no_grad()
-    def record_entropy(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor]):
-        """Add the entropy of softmax(logits) of each (non-padding) token."""
-        logits = logits.reshape(-1, logits.shape[-1]).float()
-        logp = torch.log_softmax(logits, dim=-1)
-        ent = -(logp.exp() * logp).sum(-1)
+    def record_entropy(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor],
+                       scores: Optional[torch.Tensor] = None):
+        """Add the entropy of softmax(logits) of each (non-padding) token (from
+        ``scores`` = that softmax when the caller has it)."""
+        if scores is not None:
+            ent = torch.special.entr(scores.detach()).sum(-1)
+        else:
+            logits = logits.reshape(-1, logits.shape[-1]).float()
+            logp = torch.log_softmax(logits, dim=-1)
+            ent = -(logp.exp() * logp).sum(-1)
         if padding_mask is not None:
             ent = ent[~padding_mask.reshape(-1)]
         self.telemetry_entropy += torch.stack([ent.sum(), torch.tensor(float(ent.numel()))]).to(
