@@ -155,7 +155,9 @@ class MoEConfig:
     """Scale the shared expert's output by sigmoid(w . x), a learned per-token gate
     (Qwen2-MoE; megatron's moe_shared_expert_gate)."""
     dispatcher: str = "alltoall"
-    """Token dispatcher: allgather, alltoall or flex (DeepEP, GPU only)."""
+    """Token dispatcher: allgather, alltoall or flex (DeepEP, GPU only). Where a layer's
+    expert group is one rank (parallel.ep=1, expert TP 1) no token leaves its rank and
+    megasmoe's local dispatcher runs instead, with the same result (megasmoe/moe/dispatch.py)."""
     aux_loss_type: str = "aux_loss"
     """Load-balancing loss: aux_loss, seq_aux_loss, global_aux_loss or none."""
     aux_loss_coeff: float = 0.01

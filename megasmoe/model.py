@@ -29,7 +29,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megasmoe.attention import SDPAttention
 from megasmoe.config import Config
 from megasmoe.experts import experts_spec
-from megasmoe.moe import extend_moe_layer
+from megasmoe.moe import extend_moe_layer, use_local_dispatcher
 from megasmoe.routers import router_config_for, router_spec
 
 __all__ = [
@@ -303,6 +303,7 @@ def build_model_chunks(cfg: Config, tc: TransformerConfig) -> list[GPTModel]:
             # Routers that read expert weights (spectral) or hook the layer get it here.
             if isinstance(module, MoELayer):
                 extend_moe_layer(module)
+                use_local_dispatcher(module)  # where no token leaves its rank
                 module.router.bind_moe_layer(module)
         chunks.append(model)
     return chunks

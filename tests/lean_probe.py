@@ -35,16 +35,16 @@ def _cfg(overrides: list[str]):
 
 
 def _build(cfg, local: bool = True):
-    import megasmoe.moe.layer as layer_mod
+    import megasmoe.model as model_mod
     from megasmoe.model import build_model_chunks, layout_invariant_init, to_transformer_config
 
-    original = layer_mod.use_local_dispatcher
+    original = model_mod.use_local_dispatcher
     if not local:
-        layer_mod.use_local_dispatcher = lambda layer: False
+        model_mod.use_local_dispatcher = lambda layer: False
     try:
         (model,) = build_model_chunks(cfg, to_transformer_config(cfg))
     finally:
-        layer_mod.use_local_dispatcher = original
+        model_mod.use_local_dispatcher = original
     layout_invariant_init([model], cfg.run.seed, cfg.model.init_std, cfg.model.num_layers)
     return model
 

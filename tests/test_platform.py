@@ -34,7 +34,10 @@ EXPECTED_PATCHES = (
     "alltoall_split_sizes",
     "causal_mask",
     "model_forward_without_mode",
+    "rope_cos_sin_cached",
 )
+# P8 acts at import (megasmoe/platform/imports.py), so PATCHES skips its number.
+NUMBERS = (1, 2, 3, 4, 5, 6, 7, 9)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,7 +64,7 @@ def run_script(code: str, timeout: int = 300) -> dict:
 def test_patches_listed_and_documented():
     assert platform.PATCHES == P.PATCHES == EXPECTED_PATCHES
     documented = re.findall(r"^P(\d) ``(\w+)``", P.__doc__, flags=re.MULTILINE)
-    assert documented == [(str(i), name) for i, name in enumerate(EXPECTED_PATCHES, 1)]
+    assert documented == [(str(i), name) for i, name in zip(NUMBERS, EXPECTED_PATCHES)]
     for name in EXPECTED_PATCHES:
         assert name in P.__doc__
 
@@ -558,6 +561,33 @@ def test_p7_mode_suspension_is_scoped():
     assert hasattr(GPTModel.forward, "__wrapped__")  # P7 installed
 
 
+def test_p9_rope_is_megatrons_bitwise():
+    """P9: cached cos/sin and no empty ``cat`` give megatron's RoPE values exactly, for
+    full and partial rotary dimensions, mscale, bf16, a frequencies tensor changed in
+    place or replaced; interleaved RoPE goes to megatron's function."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    new = rope_utils._apply_rotary_pos_emb_bshd
+    orig = new.__wrapped__
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(16, 2, 4, 96, generator=gen)[..., :32]  # a strided q as from the QKV split
+    f = torch.randn(16, 1, 1, 32, generator=gen)
+    cases = [(q, f, {}), (q, f, {}), (q, f[..., :16].contiguous(), {}),
+             (q, f, {"mscale": 0.5}), (q.bfloat16(), f, {}),
+             (q, f, {"rotary_interleaved": True})]
+    for t, freqs, kw in cases:
+        assert torch.equal(new(t, freqs, **kw), orig(t, freqs, **kw)), kw
+    f.mul_(2)  # in place: the cached cos/sin must not be reused
+    assert torch.equal(new(q, f), orig(q, f))
+    g = torch.randn(16, 1, 1, 32, generator=gen)
+    assert torch.equal(new(q, g), orig(q, g))
+    # Gradients flow to t as through megatron's.
+    a, b = q.clone().requires_grad_(), q.clone().requires_grad_()
+    (new(a, g) * g).sum().backward()
+    (orig(b, g) * g).sum().backward()
+    assert torch.equal(a.grad, b.grad)
+
+
 UNPATCHED = """
 import json, warnings
 warnings.filterwarnings("ignore")
@@ -626,6 +656,9 @@ print(json.dumps({
     "dispatcher_same": token_dispatcher.maybe_move_tensor_to_cpu
                        is moe_utils.maybe_move_tensor_to_cpu,
     "mode_depth": torch._C._len_torch_function_stack() - depth,
+    "rope_unwrapped": not hasattr(__import__(
+        "megatron.core.models.common.embeddings.rope_utils",
+        fromlist=["x"])._apply_rotary_pos_emb_bshd, "__wrapped__"),
     "forward_unwrapped": not hasattr(
         __import__("megatron.core.models.gpt.gpt_model", fromlist=["GPTModel"]).GPTModel.forward,
         "__wrapped__"),
@@ -644,6 +677,7 @@ def test_inactive_when_cuda_is_available():
     assert out["dispatcher_same"]
     assert out["mode_depth"] == 0
     assert out["forward_unwrapped"]  # P7 not installed
+    assert out["rope_unwrapped"]  # P9 not installed
     assert out["type"] == "torch.FloatTensor"
     assert out["backend"] == "nccl"
 

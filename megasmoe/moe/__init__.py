@@ -32,8 +32,14 @@ And the delegation: a router that defines ``moe_forward(layer, hidden, padding_m
 live in the router module, so they are checkpointed and initialised as router
 parameters); without one the layer is megatron's ``MoELayer`` unchanged. A router
 reaches its layer as ``self.moe_layer`` after ``bind_moe_layer`` (``LayerBound`` below).
+
+Beside it, ``megasmoe/moe/dispatch.py``: the local token dispatcher, which
+``megasmoe/model.py`` gives every layer whose expert group is one rank
+(``use_local_dispatcher``); the methods above work through it as through megatron's.
 """
 
+from megasmoe.moe.dispatch import LocalTokenDispatcher, use_local_dispatcher
 from megasmoe.moe.layer import LayerBound, MegasmoeMoELayer, extend_moe_layer
 
-__all__ = ["MegasmoeMoELayer", "LayerBound", "extend_moe_layer"]
+__all__ = ["MegasmoeMoELayer", "LayerBound", "extend_moe_layer", "LocalTokenDispatcher",
+           "use_local_dispatcher"]

@@ -14,14 +14,11 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from megasmoe.moe.dispatch import use_local_dispatcher
-
 __all__ = ["MegasmoeMoELayer", "LayerBound", "extend_moe_layer"]
 
 
 def extend_moe_layer(layer: MoELayer) -> "MegasmoeMoELayer":
-    """Make a built megatron MoELayer a MegasmoeMoELayer, in place, with the local token
-    dispatcher where no token leaves its rank (megasmoe/moe/dispatch.py).
+    """Make a built megatron MoELayer a MegasmoeMoELayer, in place.
 
     The class is switched after the build rather than named in the layer spec: megatron's
     TransformerLayer passes its process groups only to spec modules that *are*
@@ -30,7 +27,6 @@ def extend_moe_layer(layer: MoELayer) -> "MegasmoeMoELayer":
     """
     if not isinstance(layer, MegasmoeMoELayer):
         layer.__class__ = MegasmoeMoELayer
-    use_local_dispatcher(layer)
     return layer
 
 

@@ -61,6 +61,17 @@ P7 ``model_forward_without_mode``
     mode. (Under full recompute the layers' forward runs again inside the backward,
     with the mode, as before.)
 
+P9 ``rope_cos_sin_cached``
+    megatron's unfused RoPE (``_apply_rotary_pos_emb_bshd``, models/common/embeddings/
+    rope_utils.py; the path without Transformer Engine) takes cos and sin of the same
+    frequencies for q and for k in every layer, and copies its output once more through
+    ``cat`` with an empty pass-through part when the rotary dimension is the head size.
+    The replacement keeps the last frequencies' cos/sin (same tensor object, version,
+    mscale and dtype; recomputed otherwise) and skips the empty ``cat``: the same
+    operations on the same values, so the same result bitwise. RoPE's forward at the
+    default CPU shape: 6.4 -> ~4.8 ms a step (32 calls). Interleaved and multi-latent
+    RoPE go to megatron's function unchanged.
+
 The eighth measure, P8 ``jit_fuser_off_on_cpu`` (megasmoe/platform/imports.py), is not
 in PATCHES: it acts when megatron-core is imported, not at ``activate()``; megatron's
 ``jit_fuser`` (torch.compile) becomes its no-op decorator on CPU.
@@ -91,6 +102,7 @@ PATCHES = (
     "alltoall_split_sizes",
     "causal_mask",
     "model_forward_without_mode",
+    "rope_cos_sin_cached",
 )
 
 _state: dict[str, Any] = {"active": False, "mode": None}
@@ -233,6 +245,36 @@ def _install_model_forward_without_mode() -> None:
     GPTModel.forward = forward_without_device_mode
 
 
+def _install_rope_cos_sin_cached() -> None:
+    from megatron.core.models.common.embeddings import rope_utils
+
+    original = rope_utils._apply_rotary_pos_emb_bshd
+    last: dict[str, tuple] = {}
+
+    @functools.wraps(original)
+    def apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False,
+                                  multi_latent_attention=False, mscale=1.0):
+        if rotary_interleaved or multi_latent_attention or freqs.requires_grad:
+            return original(t, freqs, rotary_interleaved=rotary_interleaved,
+                            multi_latent_attention=multi_latent_attention, mscale=mscale)
+        key = (freqs._version, float(mscale), t.dtype)
+        hit = last.get("entry")
+        if hit is None or hit[0] is not freqs or hit[1] != key:
+            # megatron's expressions, once per frequencies tensor instead of per call.
+            hit = (freqs, key, (torch.cos(freqs) * mscale).to(t.dtype),
+                   (torch.sin(freqs) * mscale).to(t.dtype))
+            last["entry"] = hit
+        cos_, sin_ = hit[2], hit[3]
+        rot_dim = freqs.shape[-1]
+        if rot_dim == t.shape[-1]:
+            return (t * cos_) + (rope_utils._rotate_half(t, False) * sin_)
+        rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
+        rot = (rot * cos_) + (rope_utils._rotate_half(rot, False) * sin_)
+        return torch.cat((rot, t_pass), dim=-1)
+
+    rope_utils._apply_rotary_pos_emb_bshd = apply_rotary_pos_emb_bshd
+
+
 def activate() -> bool:
     """Install the CPU patches once per process; a no-op (returns False) under CUDA.
 
@@ -248,6 +290,7 @@ def activate() -> bool:
     _install_alltoall_split_sizes()
     _install_causal_mask()
     _install_model_forward_without_mode()
+    _install_rope_cos_sin_cached()
     mode = _CpuDeviceMode()
     mode.__enter__()  # stays entered for the life of the process (main thread).
     _state.update(active=True, mode=mode)

@@ -8,7 +8,8 @@ Two bases:
 
 - ``MegasmoeRouter``: megatron-core's TopKRouter (its routing, aux losses, z-loss,
   expert bias) with a device-safe ``gating`` and telemetry. ``topk``,
-  ``sigmoid_bias`` and ``domain_steer`` use it as is.
+  ``sigmoid_bias`` and ``domain_steer`` use it as is; its softmax top-k cases take
+  ``lean_routing`` (the same routing with one softmax instead of two).
 - ``SpecRouter``: for routers whose gate and selection follow a paper instead of
   megatron's ``topk_routing_with_score_function``: subclasses implement ``route``
   with the plain functions of ``routers/functional.py``; the base attaches the
