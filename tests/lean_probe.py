@@ -17,6 +17,7 @@ Two checks, each building the real GPTModel from configs/tiny-cpu.yaml:
   sequential), the model with megasmoe's local token dispatcher and with megatron's (same
   weights) runs forward and backward on the same batch; recorded are the loss and the
   largest gradient difference, and the dispatcher classes.
+* linear: the same for platform P10's linear against megatron's autograd function.
 """
 
 from __future__ import annotations
@@ -161,12 +162,37 @@ def dispatch_checks() -> dict:
     return out
 
 
+def linear_checks() -> dict:
+    """The model with platform P10's linear and with megatron's autograd function."""
+    from megatron.core.tensor_parallel import layers
+
+    patched = layers.linear_with_grad_accumulation_and_async_allreduce
+    cfg = _cfg([])
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.train.seq_length + 1), generator=gen)
+    pos = torch.arange(cfg.train.seq_length).unsqueeze(0).expand(2, -1)
+    runs = []
+    for fn in (patched, getattr(patched, "__wrapped__", patched)):
+        layers.linear_with_grad_accumulation_and_async_allreduce = fn
+        try:
+            model = _build(cfg)
+            loss = model(tokens[:, :-1], pos, None, labels=tokens[:, 1:]).float().mean()
+            loss.backward()
+        finally:
+            layers.linear_with_grad_accumulation_and_async_allreduce = patched
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l1, g1), (l2, g2) = runs
+    return {"patched": hasattr(patched, "__wrapped__"), "loss": _diff(l1, l2),
+            "grad": max(_diff(g1[k], g2[k]) for k in g1), "params": len(g1)}
+
+
 def main(out_path: str) -> None:
     from megasmoe.training.distributed import destroy_distributed, init_distributed
 
     init_distributed(_cfg([]))
     try:
-        result = {"routing": routing_checks(), "dispatch": dispatch_checks()}
+        result = {"routing": routing_checks(), "dispatch": dispatch_checks(),
+                  "linear": linear_checks()}
     finally:
         destroy_distributed()
     with open(out_path, "w") as f:

@@ -5,7 +5,8 @@
   gradients through the attached aux and z losses, and the logged loss values;
 * ``LocalTokenDispatcher`` (megasmoe/moe/dispatch.py) against megatron's alltoall and
   allgather dispatchers at world size 1: the same loss and gradients, bitwise, with
-  grouped and sequential experts; and it is chosen only where no token leaves its rank.
+  grouped and sequential experts; and it is chosen only where no token leaves its rank;
+* platform P10's linear against megatron's autograd function, on the whole model.
 
 The model work runs in one subprocess (tests/lean_probe.py); the pytest process never
 starts torch.distributed.
@@ -65,6 +66,13 @@ def test_local_dispatcher_equals_megatrons(probe, case):
     assert d["classes_megatron"] == [expected]
     assert d["loss"] == 0.0 and d["grad"] == 0.0, d
     assert 7.0 < d["loss_value"] < 10.0  # ~ln(4096) at init: a real forward ran
+
+
+def test_platform_linear_equals_megatrons_in_the_model(probe):
+    """Platform P10 (megasmoe/platform/cpu.py) on the whole model: bitwise."""
+    r = probe["linear"]
+    assert r["patched"] and r["params"] > 10
+    assert r["loss"] == 0.0 and r["grad"] == 0.0, r
 
 
 class _Group:

@@ -35,9 +35,10 @@ EXPECTED_PATCHES = (
     "causal_mask",
     "model_forward_without_mode",
     "rope_cos_sin_cached",
+    "linear_without_autograd_function",
 )
 # P8 acts at import (megasmoe/platform/imports.py), so PATCHES skips its number.
-NUMBERS = (1, 2, 3, 4, 5, 6, 7, 9)
+NUMBERS = (1, 2, 3, 4, 5, 6, 7, 9, 10)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,7 +64,7 @@ def run_script(code: str, timeout: int = 300) -> dict:
 
 def test_patches_listed_and_documented():
     assert platform.PATCHES == P.PATCHES == EXPECTED_PATCHES
-    documented = re.findall(r"^P(\d) ``(\w+)``", P.__doc__, flags=re.MULTILINE)
+    documented = re.findall(r"^P(\d+) ``(\w+)``", P.__doc__, flags=re.MULTILINE)
     assert documented == [(str(i), name) for i, name in zip(NUMBERS, EXPECTED_PATCHES)]
     for name in EXPECTED_PATCHES:
         assert name in P.__doc__
@@ -588,6 +589,39 @@ def test_p9_rope_is_megatrons_bitwise():
     assert torch.equal(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_p10_linear_is_megatrons_bitwise(bias):
+    """P10: a linear with nothing for megatron's autograd function to do is torch's
+    matmul with torch's autograd: the same output and gradients, bitwise; with any of
+    megatron's features asked for, megatron's function runs."""
+    from megatron.core.tensor_parallel import layers
+
+    new = layers.linear_with_grad_accumulation_and_async_allreduce
+    orig = new.__wrapped__
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, 24, generator=gen)
+    w = torch.randn(40, 24, generator=gen)
+    b = torch.randn(40, generator=gen) if bias else None
+    g = torch.randn(16, 3, 40, generator=gen)
+    results = []
+    for fn in (new, orig):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        bi = b.clone().requires_grad_() if bias else None
+        out = fn(xi, wi, bi, False, False, False)
+        (out * g).sum().backward()
+        results.append((out.detach(), xi.grad, wi.grad, bi.grad if bias else None,
+                        type(out.grad_fn).__name__))
+    (o1, x1, w1, b1, fn1), (o2, x2, w2, b2, fn2) = results
+    assert torch.equal(o1, o2) and torch.equal(x1, x2) and torch.equal(w1, w2)
+    assert not bias or torch.equal(b1, b2)
+    assert fn2 == "LinearWithGradAccumulationAndAsyncCommunicationBackward"
+    assert fn1 != fn2  # P10 took torch's autograd
+    # Any megatron feature in play: megatron's function (its autograd node) runs.
+    xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = new(xi, wi, None, False, False, False, grad_output_buffer=[])
+    assert type(out.grad_fn).__name__ == fn2
+
+
 UNPATCHED = """
 import json, warnings
 warnings.filterwarnings("ignore")
@@ -656,6 +690,9 @@ print(json.dumps({
     "dispatcher_same": token_dispatcher.maybe_move_tensor_to_cpu
                        is moe_utils.maybe_move_tensor_to_cpu,
     "mode_depth": torch._C._len_torch_function_stack() - depth,
+    "linear_unwrapped": not hasattr(__import__(
+        "megatron.core.tensor_parallel.layers", fromlist=["x"]
+        ).linear_with_grad_accumulation_and_async_allreduce, "__wrapped__"),
     "rope_unwrapped": not hasattr(__import__(
         "megatron.core.models.common.embeddings.rope_utils",
         fromlist=["x"])._apply_rotary_pos_emb_bshd, "__wrapped__"),
@@ -678,6 +715,7 @@ def test_inactive_when_cuda_is_available():
     assert out["mode_depth"] == 0
     assert out["forward_unwrapped"]  # P7 not installed
     assert out["rope_unwrapped"]  # P9 not installed
+    assert out["linear_unwrapped"]  # P10 not installed
     assert out["type"] == "torch.FloatTensor"
     assert out["backend"] == "nccl"
 

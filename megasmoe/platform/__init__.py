@@ -2,7 +2,7 @@
 
 ``activate()`` is called once per process before megatron-core objects are built;
 it does nothing when CUDA is present. See ``megasmoe.platform.cpu`` for the patch list
-(P1-P7, P9) and ``megasmoe.platform.imports`` for P8, which acts as megatron is imported.
+(P1-P7, P9, P10) and ``megasmoe.platform.imports`` for P8, which acts as megatron is imported.
 This package imports torch lazily: ``import megasmoe`` installs P8's import hook
 without importing torch (``megasmoe check`` and ``megasmoe routers`` stay fast).
 """

@@ -72,6 +72,17 @@ P9 ``rope_cos_sin_cached``
     default CPU shape: 6.4 -> ~4.8 ms a step (32 calls). Interleaved and multi-latent
     RoPE go to megatron's function unchanged.
 
+P10 ``linear_without_autograd_function``
+    megatron's ``linear_with_grad_accumulation_and_async_allreduce`` (tensor_parallel/
+    layers.py; every Column/RowParallelLinear without Transformer Engine) runs its own
+    autograd function even when it has nothing to add to a plain linear: no gradient
+    accumulation fusion, no all-reduce of the input gradient, no sequence-parallel
+    gather, no deferred weight gradient. That function's Python costs ~100 us a call on
+    CPU (1.5 % of a default training step). In exactly that case the replacement calls
+    ``torch.matmul(input, weight.t())`` (plus the bias, added apart as megatron does) with
+    torch's own autograd: the same GEMMs forward and backward, the same result bitwise;
+    every other case goes to megatron's function.
+
 The eighth measure, P8 ``jit_fuser_off_on_cpu`` (megasmoe/platform/imports.py), is not
 in PATCHES: it acts when megatron-core is imported, not at ``activate()``; megatron's
 ``jit_fuser`` (torch.compile) becomes its no-op decorator on CPU.
@@ -103,6 +114,7 @@ PATCHES = (
     "causal_mask",
     "model_forward_without_mode",
     "rope_cos_sin_cached",
+    "linear_without_autograd_function",
 )
 
 _state: dict[str, Any] = {"active": False, "mode": None}
@@ -275,6 +287,28 @@ def _install_rope_cos_sin_cached() -> None:
     rope_utils._apply_rotary_pos_emb_bshd = apply_rotary_pos_emb_bshd
 
 
+def _install_linear_without_autograd_function() -> None:
+    from megatron.core.tensor_parallel import layers
+
+    original = layers.linear_with_grad_accumulation_and_async_allreduce
+
+    @functools.wraps(original)
+    def linear(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
+               sequence_parallel, grad_output_buffer=None, wgrad_deferral_limit=0,
+               async_grad_allreduce=None, tp_group=None):
+        if (gradient_accumulation_fusion or allreduce_dgrad or sequence_parallel
+                or grad_output_buffer is not None):
+            return original(input, weight, bias, gradient_accumulation_fusion,
+                            allreduce_dgrad, sequence_parallel, grad_output_buffer,
+                            wgrad_deferral_limit, async_grad_allreduce, tp_group)
+        output = torch.matmul(input, weight.t())  # megatron's forward expression
+        return output + bias if bias is not None else output
+
+    # megatron reads this attribute off the module-level name to warn once.
+    linear.warned = original.warned
+    layers.linear_with_grad_accumulation_and_async_allreduce = linear
+
+
 def activate() -> bool:
     """Install the CPU patches once per process; a no-op (returns False) under CUDA.
 
@@ -291,6 +325,7 @@ def activate() -> bool:
     _install_causal_mask()
     _install_model_forward_without_mode()
     _install_rope_cos_sin_cached()
+    _install_linear_without_autograd_function()
     mode = _CpuDeviceMode()
     mode.__enter__()  # stays entered for the life of the process (main thread).
     _state.update(active=True, mode=mode)

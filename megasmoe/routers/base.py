@@ -44,9 +44,11 @@ import math
 from typing import Callable, Optional
 
 import torch
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.transformer.moe.moe_utils import (
     apply_random_logits,
     get_tokens_per_expert_and_token_count,
+    switch_load_balancing_loss_func,
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
@@ -190,8 +192,19 @@ class MegasmoeRouter(TopKRouter):
         probs, routing_map, scores = RF.topk_softmax_routing(
             logits, self.topk, self.config.moe_router_pre_softmax,
             self.config.moe_router_topk_scaling_factor)
-        if self.training and torch.is_grad_enabled():
-            probs = self._apply_aux_loss(probs, scores, routing_map)
+        coeff = self.get_aux_loss_coeff("aux_loss")
+        if coeff > 0 and self.training and torch.is_grad_enabled():
+            # megatron's _apply_aux_loss without its one-rank all-reduce of the counts.
+            group, tokens = self.tp_cp_group, routing_map.shape[0]
+            counts = routing_map.sum(dim=0)
+            if group.size() > 1:
+                counts = reduce_from_tensor_model_parallel_region(counts, group)
+            aux = switch_load_balancing_loss_func(
+                probs=scores, tokens_per_expert=counts, total_num_tokens=tokens * group.size(),
+                topk=self.topk, num_experts=self.config.num_moe_experts,
+                moe_aux_loss_coeff=coeff)
+            probs = self.attach_and_log_load_balancing_loss(
+                probs, coeff, aux, "load_balancing_loss", group, valid_token_count=tokens)
         return probs, routing_map, scores
 
     # ---------------------------------------------------------------- aux-loss scaling
@@ -263,8 +276,7 @@ class MegasmoeRouter(TopKRouter):
         """Add this batch's tokens per expert to the telemetry buffer (padding excluded)."""
         if padding_mask is not None:
             routing_map = routing_map & ~padding_mask.reshape(-1, 1)
-        buf = self.telemetry_tokens_per_expert
-        buf += routing_map.sum(dim=0).to(buf)
+        self.telemetry_tokens_per_expert += routing_map.sum(dim=0)
 
     @torch.no_grad()
     def record_entropy(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor],
@@ -272,15 +284,16 @@ class MegasmoeRouter(TopKRouter):
         """Add the entropy of softmax(logits) of each (non-padding) token (from
         ``scores`` = that softmax when the caller has it)."""
         if scores is not None:
-            ent = torch.special.entr(scores.detach()).sum(-1)
+            ent = torch.special.entr(scores.detach())
         else:
             logits = logits.reshape(-1, logits.shape[-1]).float()
             logp = torch.log_softmax(logits, dim=-1)
-            ent = -(logp.exp() * logp).sum(-1)
+            ent = -(logp.exp() * logp)
         if padding_mask is not None:
             ent = ent[~padding_mask.reshape(-1)]
-        self.telemetry_entropy += torch.stack([ent.sum(), torch.tensor(float(ent.numel()))]).to(
-            self.telemetry_entropy)
+        # [T, E] terms summed at once; the buffer is fp64 (long logging windows).
+        self.telemetry_entropy[0] += ent.sum()
+        self.telemetry_entropy[1] += ent.shape[0]
 
 
 class SpecRouter(MegasmoeRouter):
