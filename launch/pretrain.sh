@@ -122,11 +122,11 @@ fi
 
 # ----------------------------------------------------------------------------- SLURM
 # Traps first: SLURM's USR1 may come at any time (bash would die of it untrapped).
-got_usr1=0 got_term=0 pending=0 pending_since=0 forwarded=0 requeued=0 pid=""
+got_usr1=0 got_term=0 pending=0 pending_since=0 forwarded=0 requeued=0 pid="" usr1_at=""
 hold_max="${MEGASMOE_SIGNAL_HOLD_S:-120}"   # hold SIGUSR1 at most this long for the trainer
 on_usr1() {
-    got_usr1=1 pending=1 pending_since="$SECONDS"
-    echo "megasmoe: SIGUSR1 at $(date '+%T') (time limit near)"
+    got_usr1=1 pending=1 pending_since="$SECONDS" usr1_at="$(date '+%T')"
+    echo "megasmoe: SIGUSR1 at $usr1_at (time limit near)"
 }
 on_term() {
     [ "$requeued" = 1 ] && return 0   # SLURM ends this run of the job after `scontrol requeue`
@@ -147,6 +147,8 @@ log="$run_dir/logs/slurm-$job.out"
 echo "megasmoe: job $job (start $((restarts + 1))) logs to $log"
 exec >>"$log" 2>&1
 echo "==== megasmoe job $job start $((restarts + 1)) on $(hostname) at $(date '+%F %T'): $config $*"
+# A signal in the first seconds was announced on the batch output: say it in the run log too.
+[ "$got_usr1" = 1 ] && echo "megasmoe: SIGUSR1 at $usr1_at (time limit near; before this log opened)"
 echo "nodes: ${SLURM_JOB_NODELIST:-?} (${SLURM_JOB_NUM_NODES:-1}), tasks per node: ${SLURM_TASKS_PER_NODE:-?}"
 
 tmp="$run_dir/logs/.launch-$job"   # on the run directory: seen by a container step too
