@@ -79,7 +79,7 @@ class LocalTokenDispatcher(MoETokenDispatcher):
         self.hidden_shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, self.hidden_shape[-1])
         # Any number of experts per token (run_experts): counts come from the map.
-        self.tokens_per_expert = routing_map.sum(dim=0).long()
+        self.tokens_per_expert = routing_map.sum(dim=0)
         permuted, permuted_probs, self.sorted_indices = permute(tokens, routing_map, probs=probs)
         return permuted, permuted_probs
 

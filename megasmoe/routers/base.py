@@ -44,11 +44,9 @@ import math
 from typing import Callable, Optional
 
 import torch
-from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.transformer.moe.moe_utils import (
     apply_random_logits,
     get_tokens_per_expert_and_token_count,
-    switch_load_balancing_loss_func,
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
@@ -185,26 +183,15 @@ class MegasmoeRouter(TopKRouter):
         8 experts that was ~40 % of the router's time. Here the aux loss counts the
         routing map itself (megatron recomputes the same top-k; they differ only where
         two softmax scores round equal) and balances the same scores; z-loss, the loss's
-        attachment and its logging are megatron's (tests/test_routers.py compares).
+        attachment and its logging are megatron's (tests/test_lean_paths.py compares).
         """
         logits = logits.reshape(-1, self.config.num_moe_experts)
         logits = self.apply_z_loss(logits)
         probs, routing_map, scores = RF.topk_softmax_routing(
             logits, self.topk, self.config.moe_router_pre_softmax,
             self.config.moe_router_topk_scaling_factor)
-        coeff = self.get_aux_loss_coeff("aux_loss")
-        if coeff > 0 and self.training and torch.is_grad_enabled():
-            # megatron's _apply_aux_loss without its one-rank all-reduce of the counts.
-            group, tokens = self.tp_cp_group, routing_map.shape[0]
-            counts = routing_map.sum(dim=0)
-            if group.size() > 1:
-                counts = reduce_from_tensor_model_parallel_region(counts, group)
-            aux = switch_load_balancing_loss_func(
-                probs=scores, tokens_per_expert=counts, total_num_tokens=tokens * group.size(),
-                topk=self.topk, num_experts=self.config.num_moe_experts,
-                moe_aux_loss_coeff=coeff)
-            probs = self.attach_and_log_load_balancing_loss(
-                probs, coeff, aux, "load_balancing_loss", group, valid_token_count=tokens)
+        if self.training and torch.is_grad_enabled():
+            probs = self._apply_aux_loss(probs, scores, routing_map)
         return probs, routing_map, scores
 
     # ---------------------------------------------------------------- aux-loss scaling
