@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megasmoe.checkpoint_queue import STOP_SIGNALS, start_results_queue
+from megasmoe.checkpoint_queue import STOP_SIGNALS, use_results_queue
 
 __all__ = [
     "CheckpointError",
@@ -498,7 +498,7 @@ def save_checkpoint(trainer, root: Path, keep_last: int, keep_every: int = 0,
                 raise
 
     try:
-        with _helpers_ignore_stop_signals():
+        with _helpers_ignore_stop_signals(async_save=async_queue is not None):
             request = dist_checkpointing.save(state, str(tmp), sharded_strategy=save_strategy,
                                               async_sharded_save=async_queue is not None)
             if async_queue is not None:
@@ -519,8 +519,9 @@ def save_checkpoint(trainer, root: Path, keep_last: int, keep_every: int = 0,
 
 
 @contextlib.contextmanager
-def _helpers_ignore_stop_signals():
-    """Start megatron's save helper processes with SIGTERM/SIGUSR1 blocked.
+def _helpers_ignore_stop_signals(async_save: bool):
+    """Start megatron's save helper processes with SIGTERM/SIGUSR1 blocked, and give its
+    writer the results queue this save needs (megasmoe.checkpoint_queue).
 
     SLURM delivers the time-limit SIGUSR1 (and scancel's SIGTERM) to every process of the
     job step, not only to the trainer. megatron-core 0.16.1's torch_dist writer
@@ -535,6 +536,7 @@ def _helpers_ignore_stop_signals():
     handler only sets a flag.
     """
     if not hasattr(signal, "pthread_sigmask"):
+        use_results_queue(async_save)
         yield
         return
     from multiprocessing import resource_tracker
@@ -545,7 +547,7 @@ def _helpers_ignore_stop_signals():
         # SIGTERM in the caller: start it now (it keeps SIGUSR1 blocked), then block again.
         resource_tracker.ensure_running()
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        start_results_queue()
+        use_results_queue(async_save)
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)

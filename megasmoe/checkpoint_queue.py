@@ -1,4 +1,13 @@
-"""The results queue of megatron's asynchronous checkpoint writer, started by megasmoe.
+"""The results queue of megatron's torch_dist checkpoint writer, chosen by megasmoe per save.
+
+A synchronous save needs no process to carry its results: megatron runs the writer's
+collector (``write_preloaded_data_multiproc``) in the trainer itself, which puts the
+results in this queue and reads them back a moment later. megatron's own queue is a
+spawn-context Manager's in every case; for a synchronous save that was one more process
+per rank, which imported torch to unpickle the first results (2.5 s on the critical
+path of every run's first save, measured on 2 CPU cores). So a synchronous save gets a
+thread queue, and only an asynchronous one, whose collector runs in a forked process,
+gets a Manager's.
 
 Its own module, free of torch, because it is what the queue's *spawned* Manager process
 imports: a spawned process imports the module of its initializer, and with the
@@ -13,10 +22,34 @@ import os
 import signal
 import sys
 
-__all__ = ["STOP_SIGNALS", "start_results_queue"]
+__all__ = ["STOP_SIGNALS", "start_results_queue", "use_results_queue"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """The signals that make the trainer checkpoint and exit (what SLURM sends a job step)."""
+
+
+_manager_queue = None
+"""The Manager-backed queue of asynchronous saves, once started (one per process)."""
+
+
+def use_results_queue(async_save: bool) -> None:
+    """Set the results queue megatron's writer takes for the save about to start.
+
+    A writer keeps the queue it took when it prepared its save, so switching between an
+    asynchronous save in flight and a synchronous one does not cross their results.
+    Another megatron version (no ``_results_queue`` global) is left to itself.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not hasattr(filesystem_async, "_results_queue"):
+        return
+    if async_save:
+        start_results_queue()
+        filesystem_async._results_queue = _manager_queue
+    else:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def start_results_queue() -> None:
@@ -35,11 +68,13 @@ def start_results_queue() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if getattr(filesystem_async, "_results_queue", False) is not None:
+    global _manager_queue
+    if _manager_queue is not None or not hasattr(filesystem_async, "_results_queue"):
         return
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
     manager.start(initializer=_server_init, initargs=(os.getpid(),))
-    filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+    _manager_queue = manager.Queue()  # the proxy keeps the manager alive
+    filesystem_async._results_queue = _manager_queue
 
 
 def _server_init(worker_pid: int) -> None:
