@@ -50,18 +50,20 @@ def _world_size() -> int | None:
     return int(ws) if ws else None
 
 
-def _load(args):
+def _load(args, processes: bool = False):
+    """Load and validate args.config; ``processes``: this command *is* the job's process,
+    so without a launcher (no WORLD_SIZE) the world is this one process."""
     from megasmoe.config import load_config, validate
 
     cfg = load_config(args.config, args.overrides)
-    return validate(cfg, _world_size())
+    return validate(cfg, _world_size() or (1 if processes else None))
 
 
 def _cmd_pretrain(args) -> int:
     from megasmoe.training.lifecycle import die_with_launcher
 
     die_with_launcher()  # before anything else: a killed launcher must not leave us running
-    cfg = _load(args)
+    cfg = _load(args, processes=True)
     from megasmoe.training.data import resolve_data
     from megasmoe.training.trainer import pretrain
 

@@ -588,8 +588,10 @@ def resolve_world(cfg: Config, world_size: Optional[int] = None) -> Config:
     if world_size is not None:
         _require(
             p.world_size in (None, world_size),
-            f"parallel.world_size={p.world_size} but {world_size} processes were launched; "
-            f"launch {p.world_size} or set parallel.world_size={world_size}",
+            f"parallel.world_size={p.world_size} but "
+            f"{'1 process was' if world_size == 1 else f'{world_size} processes were'} launched; "
+            f"launch {p.world_size} (torchrun --nproc-per-node={p.world_size}, or "
+            f"launch/pretrain.sh) or set parallel.world_size={world_size}",
         )
         p.world_size = world_size
     if p.world_size is None:

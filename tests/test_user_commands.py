@@ -127,6 +127,18 @@ def test_config_error_under_torchrun_is_printed_even_when_rank0_is_slow(tmp_path
     assert time.monotonic() - start < 60
 
 
+def test_pretrain_without_a_launcher_is_one_process():
+    """`megasmoe pretrain configs/tiny-cpu.yaml` without torchrun validated the config for
+    its parallel.world_size=2 and then died inside megatron's initialize_model_parallel
+    with a traceback per rank; it is one process, and says so in one line."""
+    proc = _run([str(BIN / "megasmoe"), "pretrain", "configs/tiny-cpu.yaml"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        "megasmoe: config error: parallel.world_size=2 but 1 process was launched; "
+        "launch 2 (torchrun --nproc-per-node=2, or launch/pretrain.sh) or set "
+        "parallel.world_size=1"], proc.stderr
+
+
 def test_slurm_output_file_is_ignored():
     """sbatch's --output file (slurm-megasmoe-<id>.out) landed untracked in the repository."""
     proc = _run(["git", "check-ignore", "-q", "slurm-megasmoe-123.out"])
