@@ -312,6 +312,9 @@ class LoggingConfig:
     """Write TensorBoard event files under <run dir>/tensorboard."""
     progress: bool = True
     """Print a console progress line every log_interval steps."""
+    heatmaps: bool = True
+    """Draw the expert-load heatmap at each evaluation (<run dir>/plots/ and TensorBoard);
+    false skips matplotlib, ~1 s per run on a CPU, for short sweeps and tests."""
     collapse_probe_tokens: int = 512
     """Collapse telemetry at each evaluation on the first N valid tokens (rounded up to
     whole sequences): expert-output CKA/cosine, router-weight similarity, effective and

@@ -29,6 +29,7 @@ FAST = [
     "train.global_batch_size=8",
     "train.micro_batch_size=2",
     "logging.progress=false",
+    "logging.heatmaps=false",  # drawn in the README's default run (tests/test_install.py)
 ]
 
 

@@ -145,3 +145,11 @@ def test_matplotlib_is_imported_lazily():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_heatmaps_false_draws_nothing(trained_tiny_run):
+    """logging.heatmaps=false (in the tests' FAST overrides) skips the picture: no plots/
+    directory. The default draws it: tests/test_install.py checks the README's run."""
+    config = (trained_tiny_run / "config.yaml").read_text()
+    assert "heatmaps: false" in config
+    assert not (trained_tiny_run / "plots").exists()

@@ -467,7 +467,7 @@ class Trainer:
         """Expert-load picture of the tokens routed since the last evaluation (rank 0)."""
         if self.load_since_eval is None:
             return
-        if is_main():
+        if is_main() and self.cfg.logging.heatmaps:
             image = heatmap.load_heatmap(self.load_since_eval.cpu().numpy(), step=self.step)
             heatmap.save_png(image, self.cfg.run.path / "plots" /
                              f"expert_load_step_{self.step:07d}.png")
