@@ -304,8 +304,11 @@ def srun_job(two_nodes, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("srun_job")
     run_dir = tmp / "run"
     t0 = time.monotonic()
+    # --signal: launch/pretrain.sh asks for USR1 300 s before the limit, which with a
+    # 5-minute limit is at once: every start was signalled within slurmctld's 30 s check,
+    # and the job went through ~8 requeues (340 s) instead of one.
     job = submit(tmp, TINY, *FAST, *STEPS, f"run.dir={run_dir}",
-                 env={"MEGASMOE_LAUNCHER": "srun"}, opts=("--time=5",))
+                 env={"MEGASMOE_LAUNCHER": "srun"}, opts=("--time=5", "--signal=B:USR1@30"))
     until("start 1 trained past step 3", lambda: last_step(run_dir) > 3, 300, job=job)
     subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], check=True, env=_env())
     until("requeued", lambda: int(job_info(job).get("Restarts", 0)) >= 1, 300, job=job, poll=1)
@@ -331,6 +334,7 @@ def test_time_limit_requeue_resumes_on_both_nodes(srun_job, reference):
     job, run_dir, log = srun_job["job"], srun_job["run_dir"], srun_job["log"]
     first, _, rest = log.partition(f"==== megasmoe job {job} start 2 ")
     assert rest, log[-6000:]
+    assert log.count(f"==== megasmoe job {job} start ") == 2, log[-6000:]  # one requeue
     assert "forwarding SIGUSR1 to the job step" in first
     m = re.search(r"saved step (\d+), exiting with code 75", first)
     assert m, first[-6000:]
