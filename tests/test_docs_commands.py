@@ -29,7 +29,7 @@ from conftest import REPO, repo_files
 
 MARK = "<!-- runnable -->"
 SMALL = ("train.global_batch_size=8 train.micro_batch_size=2 train.eval_iters=1 "
-         "train.eval_interval=0 logging.progress=false")
+         "train.eval_interval=0 logging.progress=false logging.heatmaps=false")
 
 
 def _documents() -> list[Path]:
