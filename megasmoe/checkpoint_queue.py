@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 
-__all__ = ["STOP_SIGNALS", "start_results_queue", "use_results_queue"]
+__all__ = ["STOP_SIGNALS", "use_results_queue"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 """The signals that make the trainer checkpoint and exit (what SLURM sends a job step)."""
@@ -45,36 +45,28 @@ def use_results_queue(async_save: bool) -> None:
 
     if not hasattr(filesystem_async, "_results_queue"):
         return
-    if async_save:
-        start_results_queue()
-        filesystem_async._results_queue = _manager_queue
-    else:
-        filesystem_async._results_queue = queue.Queue()
+    filesystem_async._results_queue = _manager_results_queue() if async_save else queue.Queue()
 
 
-def start_results_queue() -> None:
-    """Start the results queue of megatron's torch_dist writer ourselves, once per process.
+def _manager_results_queue():
+    """The Manager-backed results queue of asynchronous saves, started at the first call.
 
-    megatron-core 0.16.1 creates it lazily (``filesystem_async._get_write_results_queue``:
+    megatron-core 0.16.1 creates its own lazily (``filesystem_async._get_write_results_queue``:
     ``get_context("spawn").Manager().Queue()``, kept in a module global). Its Manager
     process outlives a worker that is killed (SIGKILL, or dying with its launcher), and,
     started with the stop signals blocked, could then only be SIGKILLed. This one is the
     same kind of queue from a Manager that ignores the stop signals and is killed when
-    its worker dies (``_server_init``). Another megatron version (no such global) is left
-    to itself.
+    its worker dies (``_server_init``).
     """
     import multiprocessing
     from multiprocessing.managers import SyncManager
 
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
     global _manager_queue
-    if _manager_queue is not None or not hasattr(filesystem_async, "_results_queue"):
-        return
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=_server_init, initargs=(os.getpid(),))
-    _manager_queue = manager.Queue()  # the proxy keeps the manager alive
-    filesystem_async._results_queue = _manager_queue
+    if _manager_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=_server_init, initargs=(os.getpid(),))
+        _manager_queue = manager.Queue()  # the proxy keeps the manager alive
+    return _manager_queue
 
 
 def _server_init(worker_pid: int) -> None:
