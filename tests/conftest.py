@@ -1,9 +1,11 @@
-"""Shared test helpers: run real megasmoe jobs (torchrun, gloo) and read their outputs."""
+"""Shared test helpers: run real megasmoe jobs (gloo ranks; tests/warm_launcher.py or torchrun)
+and read their outputs."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -33,14 +35,44 @@ FAST = [
 ]
 
 
-def run_megasmoe(args: list[str], nproc: int = 1, timeout: int = 600,
-                 env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``megasmoe <args>`` under torchrun with ``nproc`` processes (gloo, CPU)."""
-    cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "megasmoe.cli", *args]
+LAUNCHER = os.environ.get("MEGASMOE_TEST_LAUNCHER", "warm")
+"""How ``launch`` starts processes: "warm" (tests/warm_launcher.py: forked from one
+interpreter that imported torch, megatron-core and megasmoe once) or "torchrun"."""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: list[str], nproc: int = 1, timeout: float = 600, env: dict | None = None,
+           launcher: str | None = None, rank_env: bool = False) -> subprocess.CompletedProcess:
+    """``python ARGV`` (``-m MODULE ...`` or ``SCRIPT ...``) as ``nproc`` gloo ranks from the
+    repository root, OMP_NUM_THREADS=1. One process gets the launcher's rank variables
+    (RANK, WORLD_SIZE, MASTER_ADDR, ...) only with ``rank_env``, as torchrun would give them
+    (scripts that start torch.distributed themselves); without, it runs as a command typed
+    alone. ``launcher`` (default LAUNCHER): "torchrun" for tests of what torchrun itself
+    does (its exit codes and reports on failure)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    if (launcher or LAUNCHER) == "warm":
+        import warm_launcher
+
+        return warm_launcher.run(argv, nproc, full_env, REPO, timeout, rank_env)
+    if nproc == 1 and not rank_env:
+        return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout, env=full_env)
+    cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={nproc}", *argv]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=full_env)
+
+
+def run_megasmoe(args: list[str], nproc: int = 1, timeout: int = 600,
+                 env: dict | None = None, check: bool = True,
+                 launcher: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``megasmoe <args>`` with ``nproc`` gloo processes (``launch``)."""
+    proc = launch(["-m", "megasmoe.cli", *args], nproc, timeout, env, launcher)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"megasmoe {' '.join(args)} failed (rc={proc.returncode}):\n"

@@ -10,16 +10,12 @@ without a process group.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import types
 
 import pytest
 import torch
 
-from conftest import BIN, REPO
+from conftest import REPO, launch
 
 PROBE = REPO / "tests" / "attention_probe.py"
 # GQA (4 heads, 2 key/value groups: at TP=2 each rank holds 2 heads sharing 1 group),
@@ -29,23 +25,10 @@ MODEL = ["model.num_query_groups=2", "model.head_dim=24", "model.rotary_percent=
 FP32 = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _probe(out, nproc: int, overrides: list[str]) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    if nproc == 1:
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
-                   WORLD_SIZE="1", LOCAL_RANK="0")
-        cmd = [sys.executable, str(PROBE), str(out), *overrides]
-    else:
-        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={nproc}",
-               str(PROBE), str(out), *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    argv = [str(PROBE), str(out), *overrides]
+    proc = launch(argv, nproc, 600, {"PYTHONPATH": str(REPO)}, rank_env=True)
+    assert proc.returncode == 0, f"{' '.join(argv)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     paths = [out] if nproc == 1 else [f"{out}.rank{r}" for r in range(nproc)]
     return [torch.load(p, weights_only=False) for p in paths]
 

@@ -22,11 +22,7 @@ balance_temperature = 1 so that they balance the same scores as topk.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -141,19 +137,12 @@ def _probe(path: str) -> None:
 # ----------------------------------------------------------------------------- tests
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("balance") / "probe.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    proc = subprocess.run([sys.executable, __file__, str(out)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=Path(__file__).resolve().parents[1])
+    from conftest import launch
+
+    proc = launch([__file__, str(out)], 1, 300, rank_env=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
 

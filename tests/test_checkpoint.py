@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import BIN, FAST, REPO, read_metrics, run_megasmoe, train_losses
+from conftest import BIN, FAST, REPO, free_port, read_metrics, run_megasmoe, train_losses
 from megasmoe import checkpoint as ckpt
 
 CONFIG = "configs/tiny-cpu.yaml"
@@ -72,12 +71,6 @@ def seed_run_dir(run_dir: Path, src_ckpt: Path) -> Path:
     shutil.copytree(src_ckpt, dst)
     (root / "latest").write_text(src_ckpt.name)
     return dst
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_direct(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

@@ -773,7 +773,7 @@ def test_config_error_under_torchrun_is_printed_once(tmp_path):
     from conftest import run_megasmoe
 
     proc = run_megasmoe(["pretrain", str(TINY), "train.stpes=3", f"run.dir={tmp_path / 'run'}"],
-                        nproc=2, check=False)
+                        nproc=2, check=False, launcher="torchrun")
     lines = [ln for ln in proc.stderr.splitlines() if "megasmoe: config error: " in ln]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("megasmoe: config error: ")

@@ -20,25 +20,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, FAST, REPO, run_megasmoe, train_losses
+from conftest import FAST, REPO, launch, run_megasmoe, train_losses
 
 CONFIG = "configs/tiny-cpu.yaml"
 PROBE = REPO / "tests" / "experts_probe.py"
 EP2 = ["parallel.ep=2"]
 TOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check(*overrides: str) -> subprocess.CompletedProcess:
@@ -92,15 +85,7 @@ PROBE_LAYOUTS = {
 
 
 def run_probe(out: Path, overrides: list[str], nproc: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
-                   WORLD_SIZE="1", LOCAL_RANK="0")
-        cmd = [sys.executable, str(PROBE), str(out), *overrides]
-    else:
-        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={nproc}", str(PROBE),
-               str(out), *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    proc = launch([str(PROBE), str(out), *overrides], nproc, 300, rank_env=True)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads(out.read_text())
 

@@ -365,7 +365,7 @@ def test_second_launch_on_a_training_run_dir_is_refused(job):
                               text=True, timeout=60, env=_env())
         direct = run_megasmoe(["pretrain", TINY, *FAST, "train.steps=1000",
                                f"run.dir={run_dir}"], nproc=2, timeout=180, check=False,
-                              env=_env())
+                              env=_env(), launcher="torchrun")
     finally:
         _kill_all(set(_pids_of(f"run.dir={run_dir}")) - set(_pids_of("data.num_workers=1")))
     expected = (f"megasmoe: config error: run.dir {run_dir.resolve()} is in use by another job "

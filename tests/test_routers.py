@@ -27,16 +27,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import BIN, FAST, REPO
+from conftest import FAST, REPO, launch
 from megasmoe.routers import registered_routers, router_entry
 
 PROBE = REPO / "tests" / "router_probe.py"
@@ -105,27 +101,13 @@ VARIANTS = {**UNIFIED_GROUPS, "smoe_dropout_mid": SMOE_DROPOUT_MID}
 # ----------------------------------------------------------------------------- running
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_probe(out: Path, entries: list[str], overrides: list[str], nproc: int,
               timeout: int = 600) -> dict:
-    """Run tests/router_probe.py (alone at nproc=1, else torchrun); its saved results."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [str(PROBE), str(out), ",".join(entries), *overrides]
-    if nproc == 1:
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
-                   WORLD_SIZE="1", LOCAL_RANK="0")
-        cmd = [sys.executable, *args]
-    else:
-        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={nproc}", *args]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    """Run tests/router_probe.py as ``nproc`` ranks (conftest.launch); its saved results."""
+    argv = [str(PROBE), str(out), ",".join(entries), *overrides]
+    proc = launch(argv, nproc, timeout, rank_env=True)
     if proc.returncode != 0:
-        raise AssertionError(f"router probe failed (rc={proc.returncode}): {' '.join(cmd)}\n"
+        raise AssertionError(f"router probe failed (rc={proc.returncode}): {' '.join(argv)}\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return torch.load(out, weights_only=False)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_megasmoe
+from conftest import free_port, run_megasmoe
 from megasmoe.cli import main
 from megasmoe.evaluation import steer as S
 
@@ -153,18 +153,12 @@ def test_steered_run_exports_and_verifies(steered, tmp_path):
     assert check.max_abs_logit_diff < 1e-4 and check.next_token_agreement == 1.0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_eval_reports_the_per_domain_effect(steer, steered, monkeypatch):
     # megasmoe eval in this process (a one-process group on a free port; the env it
     # sets is undone after the test).
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())),
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())),
                        ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         monkeypatch.setenv(key, value)
     from megasmoe.data import evalsets
