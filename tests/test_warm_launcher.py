@@ -67,3 +67,26 @@ def test_a_timeout_kills_every_rank(tmp_path):
     gone, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)],
                                     timeout=10)
     assert not alive, alive
+
+
+def test_the_server_ends_with_the_session_that_started_it(tmp_path):
+    """A test session killed with SIGKILL runs no atexit hook: its server notices within
+    PARENT_CHECK_S that its parent is gone, and ends."""
+    import os
+    import signal
+    import sys
+
+    from conftest import REPO
+
+    code = ("import sys, time; sys.path.insert(0, 'tests'); import warm_launcher as w; "
+            "w._Server.socket_path(w.Path('.')); print(w._Server.proc.pid, flush=True); "
+            "time.sleep(600)")
+    session = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        server = psutil.Process(int(session.stdout.readline()))
+        assert server.is_running()
+    finally:
+        os.kill(session.pid, signal.SIGKILL)
+        session.wait()
+    server.wait(timeout=30)  # raises psutil.TimeoutExpired if it outlives the session

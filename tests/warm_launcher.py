@@ -47,6 +47,9 @@ PREFIX = 8
 TERM_GRACE_S = 10.0
 """How long the other ranks get between SIGTERM and SIGKILL after one rank failed."""
 
+PARENT_CHECK_S = 2.0
+"""How often an idle server checks that the test session that started it still runs."""
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -185,12 +188,22 @@ def serve(path: str) -> None:
     # fork() copies only the calling thread: a second thread here would be lost mid-flight.
     assert threading.active_count() == 1, threading.enumerate()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # leaders are reaped by the kernel
+    parent = os.getppid()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(16)
+    server.settimeout(PARENT_CHECK_S)
     print("ready", flush=True)
     while True:
-        conn, _ = server.accept()
+        try:
+            conn, _ = server.accept()
+        except (TimeoutError, socket.timeout):
+            if os.getppid() != parent:  # the test session is gone (killed): so are we
+                import shutil
+
+                shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+                return
+            continue
         try:
             header, fds, _, _ = socket.recv_fds(conn, PREFIX, 2)
             req = json.loads(_recv_exact(conn, int(header.decode())))
@@ -228,8 +241,17 @@ class _Server:
             line = cls.proc.stdout.readline().strip()
             if line != "ready":
                 raise RuntimeError(f"the warm launcher did not start (see {log.name})")
-            atexit.register(cls.proc.kill)
+            atexit.register(cls.stop, cls.proc, folder)
         return cls.path
+
+    @staticmethod
+    def stop(proc: subprocess.Popen, folder: str) -> None:
+        """Kill the server and remove its socket's folder."""
+        import shutil
+
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run(argv: list[str], nproc: int, env: dict, cwd: Path, timeout: float,
