@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
+
+import warm_launcher
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -35,16 +36,12 @@ FAST = [
 ]
 
 
+free_port = warm_launcher.free_port
+"""A TCP port free on 127.0.0.1 now (the launcher's own, shared by the test files)."""
+
 LAUNCHER = os.environ.get("MEGASMOE_TEST_LAUNCHER", "warm")
 """How ``launch`` starts processes: "warm" (tests/warm_launcher.py: forked from one
 interpreter that imported torch, megatron-core and megasmoe once) or "torchrun"."""
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(argv: list[str], nproc: int = 1, timeout: float = 600, env: dict | None = None,
@@ -57,8 +54,6 @@ def launch(argv: list[str], nproc: int = 1, timeout: float = 600, env: dict | No
     does (its exit codes and reports on failure)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if (launcher or LAUNCHER) == "warm":
-        import warm_launcher
-
         return warm_launcher.run(argv, nproc, full_env, REPO, timeout, rank_env)
     if nproc == 1 and not rank_env:
         return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True,

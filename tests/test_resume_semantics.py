@@ -39,18 +39,10 @@ def six_steps(tmp_path_factory):
     return run_dir
 
 
-def _copy(run_dir, dest):
-    """A copy of ``run_dir`` at ``dest`` that trains there (its config names run.dir)."""
-    shutil.copytree(run_dir, dest)
-    config = dest / "config.yaml"
-    config.write_text(config.read_text().replace(f"dir: {run_dir}", f"dir: {dest}"))
-    return dest
-
-
 def test_raising_train_steps_re_spans_the_lr_schedule(tmp_path, uninterrupted, six_steps):
     """A finished 6-step cosine run continued to 10 steps follows the 10-step schedule
     from step 6 on (megatron's default kept the 6-step span: min_lr for every new step)."""
-    run_dir = _copy(six_steps, tmp_path / "raised")
+    run_dir = shutil.copytree(six_steps, tmp_path / "raised")
     log = _train(run_dir, "train.steps=10")
     assert "LR schedule follows the config: train.steps 6 -> 10" in log, log
     got = _records(run_dir)
@@ -82,7 +74,7 @@ def test_changed_lr_and_min_lr_apply_after_resume(tmp_path, six_steps):
     new = ["train.lr=3e-3", "train.min_lr=3e-4"]
     reference = tmp_path / "new_lr"
     _train(reference, "train.steps=10", *new)
-    run_dir = _copy(six_steps, tmp_path / "changed")
+    run_dir = shutil.copytree(six_steps, tmp_path / "changed")
     log = _train(run_dir, "train.steps=10", *new)
     assert "train.lr 0.001 -> 0.003" in log, log
     got, want = _records(run_dir), _records(reference)

@@ -153,8 +153,6 @@ def test_steered_run_exports_and_verifies(steered, tmp_path):
     assert check.max_abs_logit_diff < 1e-4 and check.next_token_agreement == 1.0
 
 
-
-
 def test_eval_reports_the_per_domain_effect(steer, steered, monkeypatch):
     # megasmoe eval in this process (a one-process group on a free port; the env it
     # sets is undone after the test).

@@ -6,14 +6,17 @@ the run."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
 import textwrap
 import time
 
 import psutil
 import pytest
 
-from conftest import FAST, launch, read_metrics, run_megasmoe
+from conftest import FAST, REPO, launch, read_metrics, run_megasmoe
 
 
 def test_a_warm_run_logs_what_the_same_torchrun_run_logs(tmp_path):
@@ -72,12 +75,6 @@ def test_a_timeout_kills_every_rank(tmp_path):
 def test_the_server_ends_with_the_session_that_started_it(tmp_path):
     """A test session killed with SIGKILL runs no atexit hook: its server notices within
     PARENT_CHECK_S that its parent is gone, and ends."""
-    import os
-    import signal
-    import sys
-
-    from conftest import REPO
-
     code = ("import sys, time; sys.path.insert(0, 'tests'); import warm_launcher as w; "
             "w._Server.socket_path(w.Path('.')); print(w._Server.proc.pid, flush=True); "
             "time.sleep(600)")

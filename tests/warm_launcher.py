@@ -51,7 +51,8 @@ PARENT_CHECK_S = 2.0
 """How often an idle server checks that the test session that started it still runs."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (tests/conftest.py shares it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -147,14 +148,14 @@ def _leader(conn: socket.socket, req: dict, fds: list[int]) -> None:
         os.setpgid(0, 0)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         conn.sendall(f"{os.getpgid(0)}\n".encode())
-        port = _free_port()
-        ranks = {}
+        port = free_port()
+        ranks = set()  # pids of the ranks still running
         for rank in range(req["nproc"]):
             pid = os.fork()
             if pid == 0:
                 conn.close()
                 _worker(req, rank, port, fds)
-            ranks[pid] = rank
+            ranks.add(pid)
         for fd in fds:
             os.close(fd)
         code = 0
@@ -168,7 +169,7 @@ def _leader(conn: socket.socket, req: dict, fds: list[int]) -> None:
             if pid == 0:
                 time.sleep(0.05)
                 continue
-            ranks.pop(pid, None)
+            ranks.discard(pid)
             rc = os.waitstatus_to_exitcode(status)
             if rc != 0 and code == 0:
                 code = rc if rc > 0 else 128 - rc
