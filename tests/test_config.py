@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 import megasmoe.config as C
+import megasmoe.config.schema as S
 from megasmoe.config import (
     Config,
     ConfigError,
@@ -373,7 +374,7 @@ def test_sequence_parallel_needs_divisible_sequence():
 
 def test_context_parallel_needs_transformer_engine(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(C.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "transformer_engine" else real(name, *a))
     msg = config_error(["parallel.cp=2", "parallel.ep=1"])
     assert "parallel.cp=2" in msg and "set parallel.cp=1" in msg
@@ -381,7 +382,7 @@ def test_context_parallel_needs_transformer_engine(monkeypatch):
 
 def test_context_parallel_sequence_length(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(C.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "transformer_engine"
                         else real(name, *a))
     msg = config_error(["parallel.cp=2", "parallel.ep=1", "train.seq_length=130"])
@@ -576,8 +577,8 @@ def test_unknown_score_function():
 
 
 def _config_dataclasses() -> list[type]:
-    return [obj for _, obj in inspect.getmembers(C, inspect.isclass)
-            if dataclasses.is_dataclass(obj) and obj.__module__ == C.__name__]
+    return [obj for _, obj in inspect.getmembers(S, inspect.isclass)
+            if dataclasses.is_dataclass(obj) and obj.__module__ == S.__name__]
 
 
 def test_every_config_section_is_covered():
