@@ -1,12 +1,5 @@
-"""Capacity planning: parameters, per-rank memory, FLOPs and communication of a layout.
-
-    megasmoe plan CONFIG [key=value ...] [--gpus N] [--gpu-memory 80GB] [--layouts]
-
-Everything here is arithmetic on the config (no torch, no megatron): it answers in a
-fraction of a second for a 47B-parameter recipe. The formulas follow what megasmoe builds
-with megatron-core, and the tests hold them to it: parameter counts against the real
-model built on the meta device, memory against measured peaks of real runs
-(docs/planning.md has the model, the measurements and their error).
+"""Per-rank memory and per-step communication of one layout of a validated config, and
+the Plan that holds both with the fit.
 
 Memory of one rank (the most loaded pipeline stage, or the one asked for):
 
@@ -33,38 +26,25 @@ Memory of one rank (the most loaded pipeline stage, or the one asked for):
 Communication is stated in bytes per step per rank, by kind (DP gradient reduction,
 TP/SP collectives, EP all-to-all, PP point-to-point) and turned into seconds with the
 bandwidth of the link the group spans (inside a node or across nodes).
+
+Also here: the unit GB, the overhead constants (CPU_BASELINE_GB, GPU_OVERHEAD_GB),
+Hardware (what a plan runs on) and Plan / make_plan (one layout's memory, communication
+and fit). The shapes and counts these build on are in megasmoe.plan.sizes.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import itertools
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-__all__ = [
-    "Hardware",
-    "ParamCount",
-    "MemoryEstimate",
-    "CommEstimate",
-    "Plan",
-    "PlanError",
-    "count_parameters",
-    "flops_per_token",
-    "padded_vocab",
-    "stage_layers",
-    "estimate_memory",
-    "estimate_comm",
-    "make_plan",
-    "search_layouts",
-    "format_plan",
-    "parse_memory",
-    "add_subcommand",
-    "CPU_BASELINE_GB",
-    "GPU_OVERHEAD_GB",
-]
+from megasmoe.plan.sizes import (
+    _layer_params,
+    _moe_layers,
+    _widths,
+    flops_per_token,
+    padded_vocab,
+    stage_layers,
+)
 
 GB = 2**30
 
@@ -76,10 +56,6 @@ megatron-core 0.16.1; measured as in docs/planning.md)."""
 GPU_OVERHEAD_GB = 4.0
 """Per-GPU memory outside the tensors counted here: CUDA context and kernels, NCCL
 buffers, allocator fragmentation. A planning allowance, not a measurement."""
-
-
-class PlanError(ValueError):
-    """Nothing fits: one line per problem."""
 
 
 @dataclass
@@ -100,122 +76,6 @@ class Hardware:
     """Achieved bf16 TFLOP/s per GPU for the step-time estimate (H100: ~40% of peak)."""
     device: str = "gpu"
     """gpu or cpu: precision auto, attention/norm kernels and the overhead constant."""
-
-
-# --------------------------------------------------------------------------- shapes
-
-
-def padded_vocab(vocab_size: int, tp: int, multiple: int = 128) -> int:
-    """Megatron's vocabulary padding (megasmoe.model.padded_vocab_size): a multiple of
-    128 x tp."""
-    step = multiple * tp
-    return -(-vocab_size // step) * step
-
-
-def _moe_layers(cfg) -> list[bool]:
-    from megasmoe.config import moe_layer_pattern
-
-    return moe_layer_pattern(cfg.moe.layer_freq, cfg.model.num_layers)
-
-
-def _widths(cfg) -> tuple[int, int, int, int]:
-    """(hidden, head_dim, query width, key/value width)."""
-    m = cfg.model
-    h = m.hidden_size
-    d = m.head_dim or h // m.num_heads
-    return h, d, m.num_heads * d, (m.num_query_groups or m.num_heads) * d
-
-
-@dataclass
-class _LayerParams:
-    """Parameters of one layer by how they are sharded."""
-
-    tp: int = 0
-    """Sharded over tensor parallelism."""
-    replicated: int = 0
-    """The same on every TP rank (norms, router, per-head q/k norms, shared-expert gate)."""
-    experts: int = 0
-    """Routed experts, all of them (sharded over ep x etp)."""
-
-    @property
-    def total(self) -> int:
-        return self.tp + self.replicated + self.experts
-
-
-def _layer_params(cfg, moe: bool) -> _LayerParams:
-    m, e = cfg.model, cfg.moe
-    h, d, q, kv = _widths(cfg)
-    p = _LayerParams()
-    p.tp += h * (q + 2 * kv) + q * h + (q + 2 * kv if m.qkv_bias else 0)  # qkv, proj
-    p.replicated += 2 * h  # input and pre-MLP RMSNorm
-    if m.qk_norm == "head":
-        p.replicated += 2 * d
-    elif m.qk_norm == "full":
-        p.tp += q + kv
-    if moe:
-        p.replicated += e.num_experts * h  # router (a linear gate)
-        p.experts += e.num_experts * 3 * h * e.ffn_hidden_size  # SwiGLU: fc1 2f x h, fc2 h x f
-        p.tp += 3 * h * e.shared_expert_size
-        p.replicated += h if e.shared_expert_gate else 0
-    else:
-        p.tp += 3 * h * (m.ffn_hidden_size or 4 * h)
-    return p
-
-
-@dataclass
-class ParamCount:
-    """Parameters of the whole model (as megatron builds it at TP=1)."""
-
-    total: int
-    """Every parameter, embedding and output layer included."""
-    active: int
-    """Parameters one token uses: routed experts counted top-k of num_experts."""
-    embedding: int
-    """Input embedding (padded vocabulary x hidden)."""
-    experts: int
-    """Routed-expert parameters, all experts."""
-
-
-def count_parameters(cfg, tp: int = 1) -> ParamCount:
-    """Total and active parameters of ``cfg``'s model, vocabulary padded for ``tp``."""
-    h = cfg.model.hidden_size
-    layers = [_layer_params(cfg, moe) for moe in _moe_layers(cfg)]
-    experts = sum(p.experts for p in layers)
-    embedding = padded_vocab(cfg.model.vocab_size, tp) * h
-    total = sum(p.total for p in layers) + h + embedding  # + final norm
-    total += 0 if cfg.model.share_embeddings else embedding
-    active = total - experts + experts * cfg.moe.topk // cfg.moe.num_experts
-    return ParamCount(total=total, active=active, embedding=embedding, experts=experts)
-
-
-def flops_per_token(cfg) -> float:
-    """Training FLOPs per token: 6 x the matmul parameters a token passes through, plus
-    the attention scores (12 x layers x sequence x query width).
-
-    Counted per layer from the config, as megatron builds it: q/k/v/o projections (GQA,
-    head_dim; biases left out), the router (a linear gate, as topk's), the top-k routed
-    experts and the shared expert (and its gate) of MoE layers (gated SwiGLU: 3
-    matrices), the dense MLP of dense layers, and the output layer over the padded
-    vocabulary (the embedding is a lookup).
-    """
-    m, e, t = cfg.model, cfg.moe, cfg.train
-    h, _, q, kv = _widths(cfg)
-    attention = 2 * h * q + 2 * h * kv
-    moe_mlp = (h * e.num_experts + 3 * h * e.ffn_hidden_size * e.topk
-               + 3 * h * e.shared_expert_size + (h if e.shared_expert_gate else 0))
-    dense_mlp = 3 * h * (m.ffn_hidden_size or 4 * h)
-    active = sum(attention + (moe_mlp if moe else dense_mlp) for moe in _moe_layers(cfg))
-    active += h * padded_vocab(m.vocab_size, cfg.parallel.tp)
-    return 6.0 * active + 12.0 * m.num_layers * t.seq_length * q
-
-
-def stage_layers(cfg, stage: int) -> list[int]:
-    """Global indices of the layers pipeline stage ``stage`` holds (all its VPP chunks)."""
-    p, n = cfg.parallel, cfg.model.num_layers
-    chunks = p.vpp or 1
-    per_chunk = n // (p.pp * chunks)
-    return [c * p.pp * per_chunk + stage * per_chunk + i
-            for c in range(chunks) for i in range(per_chunk)]
 
 
 # --------------------------------------------------------------------------- memory
@@ -503,218 +363,3 @@ def make_plan(cfg, hw: Hardware) -> Plan:
     mem = estimate_memory(cfg, device=hw.device)
     fits = None if hw.memory_gb is None else mem.total <= hw.memory_gb * GB
     return Plan(cfg=cfg, memory=mem, comm=estimate_comm(cfg, hw), fits=fits)
-
-
-def _divisors(n: int, limit: Optional[int] = None) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0 and (limit is None or d <= limit)]
-
-
-def search_layouts(cfg, hw: Hardware) -> tuple[list[Plan], list[str]]:
-    """Every layout of ``cfg``'s model on ``hw.gpus`` that megasmoe's validator accepts
-    and that fits, fastest first; and, when none fits, one line per problem.
-
-    Tried: tp (within a node), pp (dividing the layers), vpp (1, 2), ep (dividing the
-    experts), etp (1 or tp), cp (1, 2), distributed optimizer and recompute on/off;
-    everything else as configured. ``megasmoe.config.validate`` decides what is a valid
-    layout (divisibility, EP within DP x CP x TP, batch sizes, ...).
-    """
-    from megasmoe.config import ConfigError, validate
-
-    n, e = hw.gpus, cfg.moe
-    plans, valid = [], []
-    for tp, pp, vpp, ep, etp_same, cp, distopt, recompute in itertools.product(
-            _divisors(n, hw.gpus_per_node), _divisors(n), (None, 2), _divisors(e.num_experts),
-            (False, True), (1, 2), (True, False), (False, True)):
-        if n % (tp * pp * cp) or (etp_same and tp == 1) or ep > n:
-            continue
-        c = copy.deepcopy(cfg)
-        c.parallel = dataclasses.replace(c.parallel, tp=tp, pp=pp, vpp=vpp, ep=ep, cp=cp,
-                                         etp=tp if etp_same else 1, sp=tp > 1,
-                                         world_size=n, dp=None)
-        c.train.distributed_optimizer, c.train.recompute = distopt, recompute
-        try:
-            validate(c, n)
-        except ConfigError:
-            continue
-        q = c.parallel
-        if distopt and q.dp * q.cp == 1 and q.tp * q.cp * q.dp == q.ep * q.etp:
-            continue  # nothing to shard over: the same layout as without
-        plan = make_plan(c, hw)
-        valid.append(plan)
-        if plan.fits is not False:
-            plans.append(plan)
-    plans.sort(key=lambda pl: (pl.comm.step_s, pl.memory.total))
-    problems: list[str] = []
-    if not plans:
-        problems = _nothing_fits(cfg, hw, valid)
-    return plans, problems
-
-
-def _nothing_fits(cfg, hw: Hardware, valid: list[Plan]) -> list[str]:
-    where = f"{hw.gpus} GPU{'s' if hw.gpus != 1 else ''} of {hw.memory_gb:g} GB"
-    if not valid:
-        return [f"no parallel layout of this model validates on {where} (tp, pp, ep, cp "
-                f"must divide the GPUs, heads, layers and experts; see megasmoe check)"]
-    count = count_parameters(cfg)
-    states = min(pl.memory.weights + pl.memory.gradients + pl.memory.optimizer
-                 for pl in valid) / GB
-    best = min(valid, key=lambda pl: pl.memory.total)
-    mem = best.memory
-    lines = [
-        f"smallest layout ({best.layout()}) needs {mem.total / GB:.1f} GB per GPU > "
-        f"{hw.memory_gb:g} GB: weights {mem.weights / GB:.1f}, gradients "
-        f"{mem.gradients / GB:.1f}, optimizer {mem.optimizer / GB:.1f}, activations "
-        f"{mem.activations / GB:.1f}, overhead {mem.overhead / GB:.1f}",
-        f"weights + gradients + optimizer state alone are at least {states:.1f} GB per GPU "
-        f"for {count.total / 1e9:.1f}B parameters on {hw.gpus} GPUs",
-    ]
-    total_states = count.total * (2 + 4) + count.total * 12  # bf16 + grads + Adam
-    need = -(-int(total_states / GB) // max(1, int(hw.memory_gb - GPU_OVERHEAD_GB)))
-    lines.append(f"model states need about {total_states / GB:.0f} GB in all: use at least "
-                 f"{max(need, hw.gpus + 1)} GPUs of {hw.memory_gb:g} GB, or GPUs with more "
-                 f"memory")
-    return lines
-
-
-# --------------------------------------------------------------------------- output
-
-
-def parse_memory(text: str) -> float:
-    """``80GB``, ``80``, ``141 GiB``, ``512MB`` -> GiB (GB is read as GiB, like nvidia-smi)."""
-    mt = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([GMT]i?B?)?\s*", text, flags=re.I)
-    if not mt:
-        raise ValueError(f"--gpu-memory={text!r}: write a size such as 80GB")
-    value, unit = float(mt.group(1)), (mt.group(2) or "G")[0].upper()
-    return value * {"M": 1 / 1024, "G": 1.0, "T": 1024.0}[unit]
-
-
-def _gb(x: float) -> str:
-    return f"{x / GB:8.2f}"
-
-
-def format_plan(plan: Plan, hw: Hardware) -> str:
-    """The plan as the table ``megasmoe plan`` prints."""
-    cfg, mem, comm = plan.cfg, plan.memory, plan.comm
-    count = count_parameters(cfg, cfg.parallel.tp)
-    t = cfg.train
-    lines = [
-        f"model: {count.total / 1e9:.2f}B parameters, {count.active / 1e9:.2f}B active "
-        f"({count.total:,} / {count.active:,}); {flops_per_token(cfg) / 1e9:.2f} GFLOPs "
-        f"per token (training)",
-        f"layout on {hw.gpus} {'GPU' if hw.device == 'gpu' else 'process'}"
-        f"{'s' if hw.gpus != 1 else ''}: {plan.layout()}",
-        f"precision {_precision(cfg, hw.device)}, dispatcher {cfg.moe.dispatcher}, "
-        f"micro batch {t.micro_batch_size} x {t.seq_length} tokens, "
-        f"{t.global_batch_size // (t.micro_batch_size * cfg.parallel.dp)} micro batches per "
-        f"step",
-        "",
-        f"memory per rank (GB), pipeline stage {mem.stage} of {cfg.parallel.pp}, "
-        f"{mem.params / 1e9:.3f}B parameters:",
-        f"  weights                        {_gb(mem.weights)}",
-        f"  gradients (fp32 main grads)    {_gb(mem.gradients)}",
-        f"  optimizer, replicated          {_gb(mem.optimizer_replicated)}"
-        f"{'   <-' if not t.distributed_optimizer else ''}",
-        f"  optimizer, distributed         {_gb(mem.optimizer_distributed)}"
-        f"{'   <-' if t.distributed_optimizer else ''}",
-        f"  activations, no recompute      {_gb(mem.activations_full)}"
-        f"{'   <-' if not t.recompute else ''}  ({mem.in_flight} micro batches in flight)",
-        f"  activations, full recompute    {_gb(mem.activations_recompute)}"
-        f"{'   <-' if t.recompute else ''}",
-        f"  overhead                       {_gb(mem.overhead)}",
-        f"  total (<- rows)                {_gb(mem.total)}",
-    ]
-    if plan.fits is not None:
-        verdict = "fits" if plan.fits else "does NOT fit"
-        lines.append(f"  {verdict} in {hw.memory_gb:g} GB "
-                     f"({100 * mem.total / (hw.memory_gb * GB):.0f}% used)")
-    lines += ["", "communication per rank per step:"]
-    for kind in ("dp", "tp", "ep", "pp", "cp"):
-        if comm.bytes.get(kind):
-            lines.append(f"  {kind:3s} {comm.bytes[kind] / GB:10.2f} GB  "
-                         f"{comm.seconds[kind]:8.3f} s")
-    lines.append(f"  compute {comm.compute_s:.3f} s at {hw.tflops:g} TFLOP/s, pipeline bubble "
-                 f"{100 * comm.bubble:.0f}%: about {comm.step_s:.2f} s per step")
-    return "\n".join(lines)
-
-
-def format_layouts(plans: list[Plan], hw: Hardware, top: int) -> str:
-    """The ranked layout table of ``megasmoe plan --layouts``."""
-    head = (f"{len(plans)} layouts fit on {hw.gpus} GPUs"
-            f"{f' of {hw.memory_gb:g} GB' if hw.memory_gb else ''}, fastest first "
-            f"(showing {min(top, len(plans))}):")
-    rows = [head, f"{'#':>3} {'layout':<86} {'GB/rank':>8} {'comm GB':>8} {'step s':>7}"]
-    for i, pl in enumerate(plans[:top], 1):
-        rows.append(f"{i:>3} {pl.layout():<86} {pl.memory.total / GB:8.1f} "
-                    f"{sum(pl.comm.bytes.values()) / GB:8.1f} {pl.comm.step_s:7.2f}")
-    return "\n".join(rows)
-
-
-def _cmd_plan(args) -> int:
-    import sys
-
-    from megasmoe.config import ConfigError, load_config, validate
-
-    cfg = load_config(args.config, args.overrides)
-    try:
-        memory_gb = parse_memory(args.gpu_memory) if args.gpu_memory else None
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    gpus = args.gpus or cfg.parallel.world_size
-    if gpus is None:
-        validate(copy.deepcopy(cfg))
-        gpus = cfg.parallel.world_size or 1
-    hw = Hardware(gpus=gpus, memory_gb=memory_gb, gpus_per_node=args.gpus_per_node,
-                  device=args.device)
-    ok = False
-    try:
-        configured = validate(copy.deepcopy(cfg), gpus) if args.gpus is None else \
-            _at_world_size(cfg, gpus)
-    except ConfigError as err:
-        configured = None
-        print(f"megasmoe: plan: the configured layout does not run on {gpus} GPUs: {err}",
-              file=sys.stderr)
-    if configured is not None:
-        plan = make_plan(configured, hw)
-        print(format_plan(plan, hw))
-        ok = plan.fits is not False
-    if not args.layouts:
-        if configured is not None and plan.fits is False:
-            print(f"megasmoe: plan: {plan.layout()} needs {plan.memory.total / GB:.1f} GB per "
-                  f"GPU > {memory_gb:g} GB; try --layouts", file=sys.stderr)
-        return 0 if ok else 2
-    plans, problems = search_layouts(cfg, hw)
-    if plans:
-        print()
-        print(format_layouts(plans, hw, args.top))
-        return 0
-    for line in problems:
-        print(f"megasmoe: plan: nothing fits: {line}", file=sys.stderr)
-    return 2
-
-
-def _at_world_size(cfg, gpus: int):
-    """The config's layout at another world size (dp follows)."""
-    from megasmoe.config import validate
-
-    c = copy.deepcopy(cfg)
-    c.parallel.world_size, c.parallel.dp = gpus, None
-    return validate(c, gpus)
-
-
-def add_subcommand(subparsers):
-    """Register ``megasmoe plan`` on the ``megasmoe`` command's subparsers."""
-    p = subparsers.add_parser(
-        "plan", help="parameters, memory per GPU, FLOPs, communication; layouts that fit")
-    p.add_argument("config", nargs="?", default=None, help="YAML config (configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    p.add_argument("--gpus", type=int, default=None,
-                   help="number of GPUs (default: the config's parallel.world_size)")
-    p.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GB")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
-    p.add_argument("--layouts", action="store_true",
-                   help="also list every layout that validates and fits, fastest first")
-    p.add_argument("--top", type=int, default=15, help="layouts to list (default 15)")
-    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
-                   help="plan for GPUs (default) or for CPU processes (gloo)")
-    p.set_defaults(fn=_cmd_plan)
-    return p
