@@ -32,6 +32,7 @@ import torch
 
 from conftest import BIN, FAST, REPO, free_port, read_metrics, run_megasmoe, train_losses
 from megasmoe import checkpoint as ckpt
+from megasmoe.checkpoint.inspection import _flatten
 
 CONFIG = "configs/tiny-cpu.yaml"
 STEPS = ["train.steps=20"]
@@ -430,7 +431,7 @@ def test_changed_router_is_refused_once(ref_ep2, tmp_path):
 def _expert_weights(tensors: dict) -> dict[str, torch.Tensor]:
     """{name: [layers, experts, ...]} of the expert fc1/fc2 weights of a full checkpoint."""
     found = {}
-    for key, value in ckpt._flatten(tensors):
+    for key, value in _flatten(tensors):
         if key.startswith("optimizer") or not torch.is_tensor(value):
             continue
         for name in ("linear_fc1.weight", "linear_fc2.weight"):

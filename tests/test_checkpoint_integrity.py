@@ -31,6 +31,7 @@ import pytest
 
 from conftest import BIN, FAST, REPO, run_megasmoe
 from megasmoe import checkpoint as ckpt
+from megasmoe.checkpoint import store
 
 CONFIG = "configs/tiny-cpu.yaml"
 ARGS = [CONFIG, *FAST, "train.steps=200", "checkpoint.interval=2"]
@@ -233,11 +234,11 @@ def test_remove_leftovers_spares_saves_in_flight(tmp_path):
     for name in ("iter_0000010.tmp", "iter_0000020.tmp", "iter_0000030"):
         (root / name).mkdir(parents=True)
     (root / "latest.tmp").write_text("iter_0000030")
-    ckpt._IN_FLIGHT.add(str(root / "iter_0000020.tmp"))
+    store._IN_FLIGHT.add(str(root / "iter_0000020.tmp"))
     try:
         assert ckpt.remove_leftovers(root) == [root / "iter_0000010.tmp"]
     finally:
-        ckpt._IN_FLIGHT.clear()
+        store._IN_FLIGHT.clear()
     assert sorted(p.name for p in root.iterdir()) == [
         "iter_0000020.tmp", "iter_0000030", "latest.tmp"]
 
@@ -249,8 +250,8 @@ import os, signal, warnings
 warnings.simplefilter("ignore")
 if __name__ == "__main__":
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-    from megasmoe import checkpoint as ckpt
-    with ckpt._helpers_ignore_stop_signals(async_save=True):  # what an async save does
+    from megasmoe.checkpoint.saveload import _helpers_ignore_stop_signals
+    with _helpers_ignore_stop_signals(async_save=True):  # what an async save does
         queue = fa._get_write_results_queue()   # what megatron's writer does in a save
     server = queue._manager._process.pid
     for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -290,7 +291,6 @@ def test_resaving_a_step_replaces_it_without_a_gap(tmp_path, monkeypatch):
     rename): a kill between them left `latest` naming a missing directory. Now the new
     one is in place before anything is deleted: a kill during the deletion (simulated)
     leaves the new checkpoint published."""
-    import megasmoe.checkpoint as ckpt
     from megasmoe.checkpoint import replace_dir
 
     final, new = tmp_path / "iter_0000004", tmp_path / "iter_0000004.tmp"
@@ -298,15 +298,15 @@ def test_resaving_a_step_replaces_it_without_a_gap(tmp_path, monkeypatch):
     (final / "old").write_text("old")
     new.mkdir()
     (new / "new").write_text("new")
-    real_rmtree = ckpt.shutil.rmtree
+    real_rmtree = shutil.rmtree
 
     def killed(path, *a, **k):
         raise KeyboardInterrupt("killed while deleting")
 
-    monkeypatch.setattr(ckpt.shutil, "rmtree", killed)
+    monkeypatch.setattr(shutil, "rmtree", killed)
     with pytest.raises(KeyboardInterrupt):
         replace_dir(new, final)
     assert sorted(p.name for p in final.iterdir()) == ["new"]
-    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
     real_rmtree(new)  # what the next save's leftover cleanup does
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000004"]

@@ -52,7 +52,8 @@ def trained_step(cell: Cell) -> int:
 
 
 def _checkpointed(cell: Cell) -> bool:
-    # ``latest`` moves last, atomically, once the checkpoint is complete (checkpoint.py).
+    # ``latest`` moves last, atomically, once the checkpoint is complete
+    # (megasmoe.checkpoint.store).
     try:
         latest = (cell.run_dir / "checkpoints" / "latest").read_text().strip()
     except OSError:

@@ -5,7 +5,7 @@ imported model has no optimizer history, and writing a placeholder one does not 
 with megatron-core 0.16.1: its optimizer ``sharded_state_dict`` drops the Adam step
 when it is 0 (``if step:``), and loading the moments then fails on the missing step.
 So the import writes the model alone, in megasmoe's own format (``iter_0000000/``,
-megasmoe.json with manifest, ``latest``; written by ``checkpoint._publish``), with
+megasmoe.json with manifest, ``latest``; written by ``megasmoe.checkpoint.store._publish``), with
 ``"weights_only": true`` in megasmoe.json.
 
 ``load_weights_only`` is how a trainer resumes from such a checkpoint: the model's
@@ -47,6 +47,8 @@ def save_weights_only(chunks: list, cfg, root: Path, extra_meta: dict) -> Path:
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 
     from megasmoe import checkpoint as ckpt
+    from megasmoe.checkpoint.saveload import _versions
+    from megasmoe.checkpoint.store import _publish
     from megasmoe.config import to_dict
 
     root = Path(root)
@@ -63,9 +65,9 @@ def save_weights_only(chunks: list, cfg, root: Path, extra_meta: dict) -> Path:
     layout = ckpt.layout_of(cfg)
     layout["distributed_optimizer"] = None  # no optimizer state: any optimizer may resume
     meta = {"step": 0, "consumed_samples": 0, "config": to_dict(cfg), "layout": layout,
-            "versions": ckpt._versions(), "permanent": False, "weights_only": True,
+            "versions": _versions(), "permanent": False, "weights_only": True,
             **extra_meta}
-    ckpt._publish(tmp, final, root, meta, keep_last=0)
+    _publish(tmp, final, root, meta, keep_last=0)
     return final
 
 
@@ -78,11 +80,12 @@ def load_weights_only(trainer, ckpt_dir: Path):
     from megatron.core import dist_checkpointing
 
     from megasmoe import checkpoint as ckpt
+    from megasmoe.checkpoint.saveload import _strategies
 
     ckpt_dir = Path(ckpt_dir)
     meta = ckpt.read_meta(ckpt_dir)
     ckpt.check_compatible(meta, trainer.cfg, ckpt_dir)
-    _, load_strategy = ckpt._strategies(trainer)
+    _, load_strategy = _strategies(trainer)
     state = _model_state(trainer.unwrapped)
     loaded = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=load_strategy)
     for key, chunk in zip(state, trainer.unwrapped):

@@ -29,6 +29,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe import moe_utils
 
 from megasmoe import checkpoint as ckpt
+from megasmoe.checkpoint.saveload import _no_sharded_tensor_deprecation, _strategies
 from megasmoe.config import Config
 from megasmoe.model import build_model_chunks
 from megasmoe.training import telemetry
@@ -128,8 +129,8 @@ def load_model_tensors(chunks: list, cfg: Config, ckpt_dir: Path,
         for name in kept[k]:
             del state[k][name]
     ckpt.check_model_tensors(list(state.values()), ckpt_dir, meta, cfg)
-    _, load_strategy = ckpt._strategies(None)
-    with ckpt._no_sharded_tensor_deprecation():
+    _, load_strategy = _strategies(None)
+    with _no_sharded_tensor_deprecation():
         loaded = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=load_strategy)
     for k, chunk in zip(keys, chunks):
         own = chunk.state_dict()
