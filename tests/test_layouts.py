@@ -111,3 +111,23 @@ def test_loss_falls_over_30_steps_and_outputs(tmp_path):
     assert {"train/loss", "valid/ppl", "moe/load_balancing_loss/layer_0"} <= scalars
     tb_loss = [e.value for e in events.Scalars("train/loss")]
     assert len(tb_loss) == 30 and abs(tb_loss[-1] - losses[30]) < 1e-5
+
+
+def test_an_evaluation_between_logs_changes_no_training_record(tmp_path):
+    """Evaluations off the log steps (every 3 steps, logs every 4) leave each training
+    record as a run without them logs it: the loss, and the aux losses and router load of
+    the steps before the evaluation, which an evaluation used to zero (the next log then
+    averaged what was left over all its steps)."""
+    common = [*STEPS, *WS1, "train.steps=8", "train.log_interval=4",
+              "checkpoint.enabled=false", "logging.tensorboard=false"]
+    records = {}
+    for name, every in (("evals", 3), ("no_evals", 0)):
+        run_dir = pretrain(tmp_path, name, [*common, f"train.eval_interval={every}"], nproc=1)
+        records[name] = {r["step"]: r for r in read_metrics(run_dir) if "train/loss" in r}
+    assert sorted(records["evals"]) == sorted(records["no_evals"]) == [4, 8]
+    for step in (4, 8):
+        got, want = records["evals"][step], records["no_evals"][step]
+        keys = sorted(k for k in want if k.startswith(("train/loss", "moe/", "router/")))
+        assert any(k.startswith("moe/load_balancing_loss/") for k in keys), keys
+        assert any(k.startswith("router/max_over_mean_load/") for k in keys), keys
+        assert {k: got.get(k) for k in keys} == {k: want[k] for k in keys}, step

@@ -3,11 +3,13 @@
 Every ``MegasmoeRouter`` counts the tokens it routes to each expert into a buffer;
 ``collect`` sums those counts over all ranks (each rank routes a disjoint set of tokens:
 its data-parallel shard, its sequence-parallel slice, its pipeline stage's layers) and
-turns them into scalars; ``reset`` clears them (after evaluation).
+turns them into scalars; ``reset`` clears them. ``kept`` keeps what training counted
+across an evaluation in the middle of a log interval.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -15,7 +17,7 @@ import torch.distributed as dist
 
 from megasmoe.routers.base import MegasmoeRouter
 
-__all__ = ["routers", "collect", "reset", "load_matrix"]
+__all__ = ["routers", "collect", "reset", "kept", "load_matrix"]
 
 
 def routers(chunks) -> list[MegasmoeRouter]:
@@ -51,6 +53,35 @@ def reset(chunks) -> None:
     for r in routers(chunks):
         r.telemetry_tokens_per_expert.zero_()
         r.telemetry_entropy.zero_()
+
+
+@contextlib.contextmanager
+def kept(chunks):
+    """Leave the routers' counters and megatron's aux-loss tracker, after the block, as
+    they were before it: what an evaluation routes is not counted, and what training
+    counted since the last log is not lost.
+
+    Zeroing them after an evaluation (what this replaces) lost the training steps between
+    the last log and an evaluation that is not on a log step: the next log's aux losses
+    were averaged over steps some of which were no longer counted.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    aux = {name: entry["values"].clone() for name, entry in tracker.items()}
+    counters = [(r, r.telemetry_tokens_per_expert.clone(), r.telemetry_entropy.clone())
+                for r in routers(chunks)]
+    try:
+        yield
+    finally:
+        for name, entry in tracker.items():
+            if name in aux:
+                entry["values"].copy_(aux[name])
+            else:  # first logged during the block: evaluation's alone
+                entry["values"].zero_()
+        for r, tokens, entropy in counters:
+            r.telemetry_tokens_per_expert.copy_(tokens)
+            r.telemetry_entropy.copy_(entropy)
 
 
 def collect(chunks, cfg) -> tuple[dict, torch.Tensor]:

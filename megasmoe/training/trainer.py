@@ -267,16 +267,15 @@ class Trainer:
         before = collapse.snapshot(self.routers)
         # The same validation batches every time: comparable across steps and resumes.
         valid_iters = self._iterators(self.valid_ds, 0)
-        for _ in range(t.eval_iters):
-            losses = self._run_schedule(valid_iters, forward_only=True)
-            loss, n = self._global_loss(losses)
-            total, tokens = total + loss * n, tokens + n
-        probe = self.collapse.measure(before, self.step, self.cfg.run.path, is_main())
+        # Eval must not leak into the training aux-loss and load logs, nor erase them.
+        with telemetry.kept(self.unwrapped):
+            for _ in range(t.eval_iters):
+                losses = self._run_schedule(valid_iters, forward_only=True)
+                loss, n = self._global_loss(losses)
+                total, tokens = total + loss * n, tokens + n
+            probe = self.collapse.measure(before, self.step, self.cfg.run.path, is_main())
         for m in self.model:
             m.train()
-        # Eval must not leak into the training aux-loss logs.
-        moe_utils.clear_aux_losses_tracker()
-        telemetry.reset(self.unwrapped)
         loss = total / max(tokens, 1.0)
         return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0)), **probe}
 
