@@ -39,6 +39,7 @@ from megasmoe.plan import flops_per_token  # noqa: F401  (re-exported)
 from megasmoe.training import collapse, heatmap, telemetry
 from megasmoe.training.data import batch_iterator, build_datasets
 from megasmoe.training.distributed import destroy_distributed, init_distributed, is_main
+from megasmoe.training.fused_adam import use_fused_adam
 from megasmoe.training.metrics import MetricsWriter, Throughput
 
 __all__ = ["Trainer", "pretrain", "RequeueExit", "EXIT_REQUEUE", "flops_per_token"]
@@ -160,6 +161,7 @@ class Trainer:
             use_distributed_optimizer=t.distributed_optimizer,
         )
         self.optimizer = get_megatron_optimizer(opt_config, self.model)
+        use_fused_adam(self.optimizer)  # on CPU, torch's fused kernel (training/fused_adam.py)
         style = {"cosine": "cosine", "linear": "linear", "constant": "constant", "wsd": "WSD"}
         wsd_steps = t.wsd_decay_steps or max(1, t.steps // 10)
         self.scheduler = OptimizerParamScheduler(
@@ -401,6 +403,8 @@ class Trainer:
         path = ckpt.find_resume_checkpoint(self.ckpt_root, c.resume_step)
         if path is not None:
             self.resumed = ckpt.load_checkpoint(self, path)
+            # The load restored the checkpoint's param-group flags; the kernel is this run's.
+            use_fused_adam(self.optimizer)
             self.schedule_change = schedule_change(ckpt.read_meta(path), self.cfg,
                                                    self.optimizer.param_groups[0]["lr"])
 
