@@ -10,25 +10,11 @@ own checkpoint gives the uninterrupted run's bits (tests/test_checkpoint.py, exa
 
 from __future__ import annotations
 
-from test_platform import run_script
+from test_platform import ONE_RANK_MEGATRON, run_script
 
-SCRIPT = """
-import copy, json, socket, warnings
-warnings.filterwarnings("ignore")
-import torch, torch.distributed as dist
-from megasmoe import platform
-assert platform.activate()
-from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.transformer.module import Float16Module
-from megasmoe.config import load_config, validate
-from megasmoe.model import build_model_chunks, to_transformer_config
+SCRIPT = ONE_RANK_MEGATRON + """
 from megasmoe.training.fused_adam import use_fused_adam
 
-s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-parallel_state.initialize_model_parallel()
 cfg = validate(load_config("configs/tiny-cpu.yaml", [
     "parallel.world_size=1", "parallel.ep=1", "model.num_layers=2", "model.hidden_size=64",
     "model.vocab_size=256", "moe.num_experts=4", "moe.ffn_hidden_size=64",

@@ -443,8 +443,8 @@ def test_p5_split_sizes_become_numpy():
 # --------------------------------------------------------------------------- subprocesses
 
 
-TRAIN_STEP = """
-import json, math, socket, warnings
+ONE_RANK_MEGATRON = """
+import copy, json, math, socket, warnings
 warnings.filterwarnings("ignore")
 import torch, torch.distributed as dist
 from megasmoe import platform
@@ -459,6 +459,11 @@ from megasmoe.model import build_model_chunks, to_transformer_config
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 parallel_state.initialize_model_parallel()
+"""
+"""Start of a script: megatron's pieces imported, a one-process gloo group, megatron's
+parallel state (shared with tests/test_fused_adam.py)."""
+
+TRAIN_STEP = ONE_RANK_MEGATRON + """
 platform.seed_rng_streams(1234, 0, 0, 0)
 cfg = validate(load_config("configs/tiny-cpu.yaml", [
     "parallel.world_size=1", "parallel.ep=1", "model.num_layers=2", "model.hidden_size=64",
