@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["MetricsWriter", "format_eta"]
+__all__ = ["MetricsWriter", "format_eta", "truncate_metrics"]
 
 
 def format_eta(seconds: float) -> str:
@@ -115,3 +116,14 @@ class Throughput:
         out = (self._tokens / dt, dt / max(self._steps, 1))
         self._t, self._tokens, self._steps = now, 0, 0
         return out
+
+
+def truncate_metrics(path, step: int) -> None:
+    """Drop metrics.jsonl records after ``step`` (logged before a crash, redone on resume)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)

@@ -11,9 +11,7 @@ telemetry buffers read in ``megasmoe.training.telemetry``.
 from __future__ import annotations
 
 import math
-import signal
 from functools import partial
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -26,7 +24,6 @@ from megatron.core.num_microbatches_calculator import (
     init_num_microbatches_calculator,
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe import moe_utils
@@ -40,44 +37,11 @@ from megasmoe.training import collapse, heatmap, telemetry
 from megasmoe.training.data import batch_iterator, build_datasets
 from megasmoe.training.distributed import destroy_distributed, init_distributed, is_main
 from megasmoe.training.fused_adam import use_fused_adam
-from megasmoe.training.metrics import MetricsWriter, Throughput
+from megasmoe.training.metrics import MetricsWriter, Throughput, truncate_metrics
+from megasmoe.training.schedule import build_scheduler, schedule_change
+from megasmoe.training.stop import EXIT_REQUEUE, RequeueExit, StopSignal
 
 __all__ = ["Trainer", "pretrain", "RequeueExit", "EXIT_REQUEUE", "flops_per_token"]
-
-EXIT_REQUEUE = 75
-"""Exit code after a checkpoint requested by SIGTERM/SIGUSR1 (EX_TEMPFAIL): requeue me."""
-
-
-class RequeueExit(SystemExit):
-    """Raised after the checkpoint that a SIGTERM/SIGUSR1 asked for has been saved."""
-
-    def __init__(self):
-        super().__init__(EXIT_REQUEUE)
-
-
-class _StopSignal:
-    """Remembers SIGTERM / SIGUSR1 (what SLURM sends before a time limit)."""
-
-    SIGNALS = ckpt.STOP_SIGNALS  # the signals a save defers (megasmoe.checkpoint)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def install(self) -> None:
-        """Install the handlers (main thread only)."""
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def restore(self) -> None:
-        """Put the previous handlers back."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
     """Sum of token losses, token count, and the pair for reporting (per-token loss mode)."""
@@ -95,7 +59,7 @@ class Trainer:
         self.cfg = cfg
         # Handlers first: a time-limit signal during start-up must not kill the worker;
         # it is honoured at the first step boundary.
-        self.stop = _StopSignal()
+        self.stop = StopSignal()
         self.stop.install()
         self.device = platform.device()
         self.tc = to_transformer_config(cfg)
@@ -162,28 +126,7 @@ class Trainer:
         )
         self.optimizer = get_megatron_optimizer(opt_config, self.model)
         use_fused_adam(self.optimizer)  # on CPU, torch's fused kernel (training/fused_adam.py)
-        style = {"cosine": "cosine", "linear": "linear", "constant": "constant", "wsd": "WSD"}
-        wsd_steps = t.wsd_decay_steps or max(1, t.steps // 10)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0,
-            max_lr=t.lr,
-            min_lr=t.min_lr,
-            lr_warmup_steps=t.warmup_steps,
-            lr_decay_steps=t.steps,
-            lr_decay_style=style[t.lr_schedule],
-            start_wd=t.weight_decay,
-            end_wd=t.weight_decay,
-            wd_incr_steps=t.steps,
-            wd_incr_style="constant",
-            wsd_decay_steps=wsd_steps if t.lr_schedule == "wsd" else None,
-            lr_wsd_decay_style="linear" if t.lr_schedule == "wsd" else None,
-            # The config is the schedule's truth: a resumed run keeps only the step count
-            # from its checkpoint, so raising train.steps re-spans the schedule (see
-            # resume()); megatron's default would keep the checkpoint's span silently.
-            use_checkpoint_opt_param_scheduler=False,
-            override_opt_param_scheduler=True,
-        )
+        self.scheduler = build_scheduler(self.optimizer, t)
         no_sync = [m.no_sync for m in self.model]
         tc.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         tc.grad_scale_func = self.optimizer.scale_loss
@@ -487,45 +430,11 @@ class Trainer:
         destroy_num_microbatches_calculator()
 
 
-SCHEDULE_FIELDS = ("steps", "lr", "min_lr", "warmup_steps", "lr_schedule", "wsd_decay_steps")
-"""train.* fields that define the LR schedule (a resume follows the config's values)."""
-
-
-def schedule_change(meta: dict, cfg: Config, lr_now: float) -> Optional[str]:
-    """One line saying how the LR schedule differs from the checkpoint's, or None.
-
-    The schedule is a function of the config (re-spanned over the new train.steps from
-    the resumed step on), so e.g. a finished cosine run resumed with more steps goes on
-    from the value the longer schedule has at that step, not from min_lr.
-    """
-    saved = meta.get("config", {}).get("train", {})
-    changed = [f"train.{k} {saved[k]} -> {getattr(cfg.train, k)}" for k in SCHEDULE_FIELDS
-               if k in saved and saved[k] != getattr(cfg.train, k)]
-    if not changed:
-        return None
-    return (f"LR schedule follows the config: {', '.join(changed)}; lr at step "
-            f"{meta.get('step')} is now {lr_now:.3g}")
-
-
 def _use_async_save(cfg: Config) -> bool:
     value = cfg.checkpoint.async_save
     if value == "auto":
         return torch.cuda.is_available()
     return value in (True, "true")
-
-
-def truncate_metrics(path, step: int) -> None:
-    """Drop metrics.jsonl records after ``step`` (logged before a crash, redone on resume)."""
-    import json
-    import os
-
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
 
 
 def _memory_gb() -> float:
