@@ -4,8 +4,9 @@ The same megatron model trained 3 steps with the fused kernel and with torch's l
 the fp32, bf16 and distributed optimizers: every inner torch optimizer is switched, the
 parameters move, and both kernels give the same parameters to float rounding. The
 optimizer state of a checkpoint written before this (loop flags) restores the loop's
-flags; calling it again, as Trainer.resume does, re-switches. A fused run resumed from its
-own checkpoint gives the uninterrupted run's bits (tests/test_checkpoint.py, exact resume).
+flags; the checkpoint load puts the run's kernel back (megasmoe/checkpoint/saveload.py).
+A fused run resumed from its own checkpoint gives the uninterrupted run's bits
+(tests/test_checkpoint.py, exact resume).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from test_platform import ONE_RANK_MEGATRON, run_script
 
 SCRIPT = ONE_RANK_MEGATRON + """
+from megasmoe.checkpoint.saveload import _restore_run_group_settings, _run_group_settings
 from megasmoe.training.fused_adam import use_fused_adam
 
 cfg = validate(load_config("configs/tiny-cpu.yaml", [
@@ -28,17 +30,7 @@ def build(distopt, precision, fused):
     cfg.train.precision = precision
     platform.seed_rng_streams(1234, 0, 0, 0)
     torch.manual_seed(1234)
-    tc = to_transformer_config(cfg)
-    module = build_model_chunks(cfg, tc)[0]
-    if tc.bf16:
-        module = Float16Module(tc, module)
-    model = DistributedDataParallel(
-        config=tc, module=module,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False, use_distributed_optimizer=distopt))
-    opt = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=1e-2, weight_decay=0.1, clip_grad=1.0, bf16=tc.bf16,
-        params_dtype=tc.params_dtype, use_distributed_optimizer=distopt), [model])
+    _, model, opt = build_ddp(cfg, distopt, weight_decay=0.1)
     switched = use_fused_adam(opt) if fused else 0
     return model, opt, switched
 
@@ -68,12 +60,15 @@ for distopt, precision in ((False, "fp32"), (True, "fp32"), (False, "bf16"), (Tr
     fused_params, moved = train(fused_model, fused_opt)
     loop_params, _ = train(loop_model, loop_opt)
     diff = max((a - b).abs().max().item() for a, b in zip(fused_params, loop_params))
-    # A loop optimizer's checkpoint state restores its flags; use_fused_adam re-switches.
+    # A loop optimizer's checkpoint state restores its flags; the checkpoint load puts
+    # the run's own back, as load_checkpoint does around the optimizer's load.
+    settings = _run_group_settings(fused_opt)
     for f, l in zip(inner(fused_opt), inner(loop_opt)):
         f.load_state_dict(copy.deepcopy(l.state_dict()))
     restored = [g.get("fused") for o in inner(fused_opt) for g in o.param_groups]
-    again = use_fused_adam(fused_opt)
+    _restore_run_group_settings(fused_opt, settings)
     after = [g["fused"] for o in inner(fused_opt) for g in o.param_groups]
+    again = sum(all(g["fused"] for g in o.param_groups) for o in inner(fused_opt))
     results.append(dict(distopt=distopt, precision=precision, switched=switched,
                         inner=len(inner(fused_opt)), flags=flags, loop_flags=loop_flags,
                         moved=moved, diff=diff, restored=restored, again=again, after=after))

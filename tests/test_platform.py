@@ -459,9 +459,25 @@ from megasmoe.model import build_model_chunks, to_transformer_config
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 parallel_state.initialize_model_parallel()
+
+
+def build_ddp(cfg, distopt, **optimizer_fields):
+    tc = to_transformer_config(cfg)
+    module = build_model_chunks(cfg, tc)[0]
+    if tc.bf16:
+        module = Float16Module(tc, module)
+    model = DistributedDataParallel(
+        config=tc, module=module,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False, use_distributed_optimizer=distopt))
+    opt = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=1e-2, clip_grad=1.0, bf16=tc.bf16, params_dtype=tc.params_dtype,
+        use_distributed_optimizer=distopt, **optimizer_fields), [model])
+    return module, model, opt
 """
 """Start of a script: megatron's pieces imported, a one-process gloo group, megatron's
-parallel state (shared with tests/test_fused_adam.py)."""
+parallel state, and ``build_ddp(cfg, distopt, **optimizer_fields)`` -> (module, DDP model,
+megatron optimizer) (shared with tests/test_fused_adam.py)."""
 
 TRAIN_STEP = ONE_RANK_MEGATRON + """
 platform.seed_rng_streams(1234, 0, 0, 0)
@@ -475,17 +491,7 @@ pos = torch.arange(16).expand(2, 16)
 results = []
 for distopt, precision in ((False, "fp32"), (True, "fp32"), (False, "bf16"), (True, "bf16")):
     cfg.train.precision = precision
-    tc = to_transformer_config(cfg)
-    module = build_model_chunks(cfg, tc)[0]
-    if tc.bf16:
-        module = Float16Module(tc, module)
-    model = DistributedDataParallel(
-        config=tc, module=module,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False, use_distributed_optimizer=distopt))
-    opt = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=1e-2, clip_grad=1.0, bf16=tc.bf16, params_dtype=tc.params_dtype,
-        use_distributed_optimizer=distopt), [model])
+    module, model, opt = build_ddp(cfg, distopt)
     # Dropout draws from the tracked streams: re-seeded, the same loss; else another.
     losses = []
     for seed in (7, 7, 8):

@@ -140,27 +140,31 @@ def _prepare_optimizer_for_loading(optimizer) -> list:
     return added
 
 
-def _lr_bounds(optimizer) -> list:
-    """Each param group's ``max_lr`` / ``min_lr`` (megatron's per-group schedule bounds)."""
-    return [(g.get("max_lr"), g.get("min_lr")) for g in optimizer.param_groups]
+RUN_GROUP_KEYS = ("max_lr", "min_lr", "fused", "foreach")
+"""Param-group keys the run sets, not the checkpoint: megatron's per-group schedule bounds
+(from the config) and torch's Adam kernel (megasmoe/training/fused_adam.py)."""
 
 
-def _restore_lr_bounds(optimizer, bounds: list) -> None:
-    """Put back the config's schedule bounds after an optimizer state was loaded.
+def _run_group_settings(optimizer) -> list[dict]:
+    """Each param group's ``RUN_GROUP_KEYS`` as the run built them."""
+    return [{k: g.get(k) for k in RUN_GROUP_KEYS} for g in optimizer.param_groups]
 
-    torch's ``load_state_dict`` restores every param-group key from the checkpoint, and
+
+def _restore_run_group_settings(optimizer, settings: list[dict]) -> None:
+    """Put back the run's own param-group settings after an optimizer state was loaded.
+
+    torch's ``load_state_dict`` restores every param-group key from the checkpoint.
     megatron's scheduler reads ``max_lr`` / ``min_lr`` from the groups, so a resume with a
-    changed ``train.lr`` or ``train.min_lr`` kept the old values for the rest of the run.
-    The config wins, as for the other schedule fields (the scheduler overrides them).
+    changed ``train.lr`` or ``train.min_lr`` kept the old values for the rest of the run;
+    the config wins, as for the other schedule fields (the scheduler overrides them). And
+    a checkpoint written before megasmoe used torch's fused Adam kernel carries the loop's
+    ``fused`` / ``foreach`` flags: the kernel is this run's choice.
     """
     groups = optimizer.param_groups
-    if len(groups) != len(bounds):
+    if len(groups) != len(settings):
         return  # another model structure: the model load has refused it already
-    for group, (max_lr, min_lr) in zip(groups, bounds):
-        if max_lr is not None:
-            group["max_lr"] = max_lr
-        if min_lr is not None:
-            group["min_lr"] = min_lr
+    for group, kept in zip(groups, settings):
+        group.update({k: v for k, v in kept.items() if v is not None})
 
 
 def _unshare_adam_steps(optimizer) -> None:
@@ -374,11 +378,11 @@ def load_checkpoint(trainer, ckpt_dir: Path) -> Resumed:
         loaded = dist_checkpointing.load(state, str(ckpt_dir), sharded_strategy=load_strategy)
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[_model_key(i, len(chunks))], strict=True)
-    configured = _lr_bounds(trainer.optimizer)
+    configured = _run_group_settings(trainer.optimizer)
     with _distributed_optimizer_step_fix():
         trainer.optimizer.load_state_dict(loaded["optimizer"])
     _unshare_adam_steps(trainer.optimizer)
-    _restore_lr_bounds(trainer.optimizer, configured)
+    _restore_run_group_settings(trainer.optimizer, configured)
     trainer.scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng"])

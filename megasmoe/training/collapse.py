@@ -252,8 +252,9 @@ class Probe:
     @torch.no_grad()
     def measure(self, before, step: int, run_dir: Optional[Path], write: bool) -> dict:
         """Collapse scalars at ``step`` (collective: every rank calls it, after the
-        evaluation's valid batches, while ``telemetry.kept`` holds the training counts). Writes the npz when
-        ``write``. ``before`` is the ``snapshot`` taken when the evaluation started."""
+        evaluation's valid batches, while ``telemetry.kept`` holds the training counts).
+        Writes the npz when ``write``. ``before`` is the ``snapshot`` taken when the
+        evaluation started."""
         from megatron.core import parallel_state
 
         if not self.enabled:

@@ -3,17 +3,17 @@
 Without Transformer Engine or Apex, megatron-core 0.16.1 builds ``torch.optim.AdamW``
 with torch's default implementation, which on CPU is a Python loop over parameters,
 ~10 tensor operations each. torch's fused CPU kernel (``fused=True``, torch >= 2.4) does
-the same update in one pass per tensor:
-at the default CPU shape (103 tensors, 4.5 M parameters, 1 thread) 17.7 -> 4.9 ms a step
-(docs/benchmarks.md). The update is the same formula; results agree to float rounding
+the same update in one pass per tensor: at the default CPU shape (103 tensors, 4.5 M
+parameters, 1 thread) 17.7 -> 4.9 ms a step (docs/benchmarks.md). The update is the same formula; results agree to float rounding
 (the kernel vectorizes, so the last bit can differ from the loop's), not bitwise.
 
 megatron offers no switch for it, so ``use_fused_adam`` sets the flag on the built
-optimizer's param groups (torch reads ``group["fused"]`` at every step). torch's
-``load_state_dict`` restores the param groups' flags from a checkpoint (a checkpoint
-written before this holds the loop's), so a resume calls it again after loading. Only optimizers whose parameters are all on CPU are switched:
-on a GPU megatron's optimizer is TE's or Apex's fused Adam where present, and torch's
-CUDA default (foreach) is left as megatron chose it.
+optimizer's param groups (torch reads ``group["fused"]`` at every step). A checkpoint's
+param groups carry the flags they were saved with (the loop's, for one written before
+this); the checkpoint load puts the run's own back (``RUN_GROUP_KEYS`` in
+megasmoe/checkpoint/saveload.py). Only optimizers whose parameters are all on CPU are
+switched: on a GPU megatron's optimizer is TE's or Apex's fused Adam where present, and
+torch's CUDA default (foreach) is left as megatron chose it.
 """
 
 from __future__ import annotations

@@ -346,8 +346,6 @@ class Trainer:
         path = ckpt.find_resume_checkpoint(self.ckpt_root, c.resume_step)
         if path is not None:
             self.resumed = ckpt.load_checkpoint(self, path)
-            # The load restored the checkpoint's param-group flags; the kernel is this run's.
-            use_fused_adam(self.optimizer)
             self.schedule_change = schedule_change(ckpt.read_meta(path), self.cfg,
                                                    self.optimizer.param_groups[0]["lr"])
 
